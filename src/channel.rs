@@ -1,0 +1,416 @@
+//! The encrypted channel: a Noise handshake that authenticates both ends by static key,
+//! then an AEAD-encrypted stream of protocol frames over any byte stream.
+//!
+//! Handshake, on a fresh connection:
+//!
+//! ```text
+//! client -> server   "DST" version:u8 cipher:u8 0 0 0       cleartext preamble (8 bytes)
+//! client -> server   len:u16 noise-IK message 1             carries the client's static key
+//! server -> client   0:u8 len:u16 noise-IK message 2        accepted
+//!                  | code:u8 len:u16 reason (UTF-8)         refused, in clear, then closed
+//! ```
+//!
+//! The preamble is the Noise prologue, so a tampered cipher choice fails the handshake.
+//! The client pins the server's key (pattern IK); the server checks the client's key
+//! against its allowlist before answering. A refusal is sent in clear so that the client
+//! can tell its user which side to fix instead of seeing a closed socket.
+//!
+//! Transport: records `len:u16 ciphertext` of at most 65535 bytes (the Noise limit). The
+//! plaintext of consecutive records is one byte stream of [`protocol`](crate::protocol)
+//! frames, so a large frame spans records and several small frames share one.
+//! Each direction keeps its own nonce counter over a shared stateless transport, so the
+//! two halves of a connection run independently.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use snow::StatelessTransportState;
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::protocol::{self, DecodeError, Frame, Limits};
+
+/// Largest Noise message, ciphertext included.
+pub const NOISE_MAX: usize = 65535;
+const TAG_LEN: usize = 16;
+/// Largest plaintext in one record.
+pub const RECORD_PLAINTEXT: usize = NOISE_MAX - TAG_LEN;
+const PREAMBLE_VERSION: u8 = 1;
+
+/// The AEAD cipher of the channel, chosen by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    ChaChaPoly,
+    AesGcm,
+}
+
+impl Cipher {
+    pub const ALL: [Cipher; 2] = [Cipher::ChaChaPoly, Cipher::AesGcm];
+
+    fn id(self) -> u8 {
+        match self {
+            Cipher::ChaChaPoly => 1,
+            Cipher::AesGcm => 2,
+        }
+    }
+
+    fn from_id(id: u8) -> Option<Cipher> {
+        Cipher::ALL.into_iter().find(|c| c.id() == id)
+    }
+
+    fn noise_params(self) -> snow::params::NoiseParams {
+        let name = match self {
+            Cipher::ChaChaPoly => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
+            Cipher::AesGcm => "Noise_IK_25519_AESGCM_BLAKE2s",
+        };
+        name.parse().expect("valid Noise pattern")
+    }
+}
+
+impl fmt::Display for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cipher::ChaChaPoly => "chachapoly",
+            Cipher::AesGcm => "aesgcm",
+        })
+    }
+}
+
+impl std::str::FromStr for Cipher {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "chachapoly" | "chacha20poly1305" => Ok(Cipher::ChaChaPoly),
+            "aesgcm" | "aes-gcm" | "aes256gcm" => Ok(Cipher::AesGcm),
+            _ => Err(format!("unknown cipher '{s}'; known ciphers: chachapoly, aesgcm")),
+        }
+    }
+}
+
+/// Why a server refused a handshake; sent in clear as the first byte of its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a dst client, or a preamble version this server does not speak.
+    Preamble = 1,
+    /// The client's cipher is not among those the server accepts.
+    Cipher = 2,
+    /// The server could not read the client's first message: wrong pinned server key.
+    ServerKey = 3,
+    /// The client's key is not in the server's allowlist.
+    ClientKey = 4,
+    /// The server is at a limit (connections, shutting down); try again later.
+    Busy = 5,
+}
+
+impl Refusal {
+    fn from_u8(v: u8) -> Option<Refusal> {
+        Some(match v {
+            1 => Refusal::Preamble,
+            2 => Refusal::Cipher,
+            3 => Refusal::ServerKey,
+            4 => Refusal::ClientKey,
+            5 => Refusal::Busy,
+            _ => return None,
+        })
+    }
+}
+
+/// Failures of the channel.
+#[derive(Debug)]
+pub enum ChannelError {
+    Io(io::Error),
+    /// The peer refused the handshake and said why.
+    Refused(Refusal, String),
+    /// A record did not authenticate: corrupted, replayed, or not from the peer.
+    Decrypt,
+    /// The peer broke the protocol.
+    Protocol(String),
+}
+
+impl fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelError::Io(e) => write!(f, "{e}"),
+            ChannelError::Refused(_, why) => write!(f, "server refused the connection: {why}"),
+            ChannelError::Decrypt => write!(f, "a record failed authentication (corrupted or forged)"),
+            ChannelError::Protocol(why) => write!(f, "protocol error: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ChannelError {}
+
+impl From<io::Error> for ChannelError {
+    fn from(e: io::Error) -> Self {
+        ChannelError::Io(e)
+    }
+}
+
+impl From<DecodeError> for ChannelError {
+    fn from(e: DecodeError) -> Self {
+        ChannelError::Protocol(e.to_string())
+    }
+}
+
+fn preamble(cipher: Cipher) -> [u8; 8] {
+    [b'D', b'S', b'T', PREAMBLE_VERSION, cipher.id(), 0, 0, 0]
+}
+
+async fn read_u16_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len).await?;
+    buf.resize(u16::from_be_bytes(len) as usize, 0);
+    r.read_exact(buf).await
+}
+
+fn u16_message(prefix: &[u8], msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(prefix.len() + 2 + msg.len());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+    out
+}
+
+/// Tells the client why it is refused, in clear, before the connection closes.
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: Refusal, why: String) -> ChannelError {
+    // Best effort: the client may already be gone.
+    let _ = writer.write_all(&u16_message(&[code as u8], why.as_bytes())).await;
+    let _ = writer.flush().await;
+    ChannelError::Refused(code, why)
+}
+
+fn snow_err(e: snow::Error) -> ChannelError {
+    ChannelError::Protocol(format!("noise: {e}"))
+}
+
+/// Runs the client side of the handshake. `server` is the pinned server key.
+pub async fn connect<R, W>(
+    mut reader: R,
+    mut writer: W,
+    local: &PrivateKey,
+    server: &PublicKey,
+    cipher: Cipher,
+) -> Result<(Sender<W>, Receiver<R>), ChannelError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let pre = preamble(cipher);
+    let mut hs = snow::Builder::new(cipher.noise_params())
+        .local_private_key(local.bytes())
+        .and_then(|b| b.remote_public_key(&server.0))
+        .and_then(|b| b.prologue(&pre))
+        .and_then(|b| b.build_initiator())
+        .map_err(snow_err)?;
+    let mut msg = vec![0u8; NOISE_MAX];
+    let n = hs.write_message(&[], &mut msg).map_err(snow_err)?;
+    writer.write_all(&u16_message(&pre, &msg[..n])).await?;
+    writer.flush().await?;
+
+    let mut code = [0u8; 1];
+    reader.read_exact(&mut code).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ChannelError::Protocol("the server closed the connection during the handshake; is it a dst-server?".into())
+        } else {
+            e.into()
+        }
+    })?;
+    let mut answer = Vec::new();
+    read_u16_message(&mut reader, &mut answer).await?;
+    if code[0] != 0 {
+        let why = String::from_utf8_lossy(&answer).into_owned();
+        let refusal = Refusal::from_u8(code[0]).ok_or_else(|| {
+            ChannelError::Protocol(format!("unknown handshake refusal {}: {why}", code[0]))
+        })?;
+        return Err(ChannelError::Refused(refusal, why));
+    }
+    hs.read_message(&answer, &mut msg).map_err(|_| {
+        ChannelError::Protocol(
+            "the server's handshake answer did not authenticate: it does not hold the pinned server key".into(),
+        )
+    })?;
+    let transport = hs.into_stateless_transport_mode().map_err(snow_err)?;
+    Ok(halves(reader, writer, transport))
+}
+
+/// Runs the server side of the handshake. `authorize` sees the client's static key and
+/// returns why it is refused, if it is. Returns the halves and the client's key.
+pub async fn accept<R, W>(
+    mut reader: R,
+    mut writer: W,
+    local: &PrivateKey,
+    ciphers: &[Cipher],
+    authorize: impl FnOnce(&PublicKey) -> Result<(), String>,
+) -> Result<(Sender<W>, Receiver<R>, PublicKey), ChannelError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut pre = [0u8; 8];
+    reader.read_exact(&mut pre).await?;
+    if &pre[..3] != b"DST" || pre[3] != PREAMBLE_VERSION {
+        return Err(refuse(
+            &mut writer,
+            Refusal::Preamble,
+            format!("not a dst client, or a channel version other than {PREAMBLE_VERSION}"),
+        )
+        .await);
+    }
+    let names = || ciphers.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+    let cipher = match Cipher::from_id(pre[4]).filter(|c| ciphers.contains(c)) {
+        Some(c) => c,
+        None => {
+            let asked = Cipher::from_id(pre[4]).map_or(format!("#{}", pre[4]), |c| c.to_string());
+            return Err(refuse(
+                &mut writer,
+                Refusal::Cipher,
+                format!("cipher {asked} is not accepted by this server (it accepts: {}); choose one of those with --cipher", names()),
+            )
+            .await);
+        }
+    };
+    let mut msg = Vec::new();
+    read_u16_message(&mut reader, &mut msg).await?;
+    let mut hs = snow::Builder::new(cipher.noise_params())
+        .local_private_key(local.bytes())
+        .and_then(|b| b.prologue(&pre))
+        .and_then(|b| b.build_responder())
+        .map_err(snow_err)?;
+    let mut payload = vec![0u8; NOISE_MAX];
+    if hs.read_message(&msg, &mut payload).is_err() {
+        return Err(refuse(
+            &mut writer,
+            Refusal::ServerKey,
+            format!(
+                "the handshake could not be read: the client pinned a server key other than this server's ({}); fix the client's --server-key",
+                local.public()
+            ),
+        )
+        .await);
+    }
+    let client = match hs.get_remote_static().and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+        Some(k) => PublicKey(k),
+        None => return Err(ChannelError::Protocol("handshake without a client key".into())),
+    };
+    if let Err(why) = authorize(&client) {
+        return Err(refuse(&mut writer, Refusal::ClientKey, why).await);
+    }
+    let n = hs.write_message(&[], &mut payload).map_err(snow_err)?;
+    writer.write_all(&u16_message(&[0], &payload[..n])).await?;
+    writer.flush().await?;
+    let transport = hs.into_stateless_transport_mode().map_err(snow_err)?;
+    let (tx, rx) = halves(reader, writer, transport);
+    Ok((tx, rx, client))
+}
+
+fn halves<R, W>(reader: R, writer: W, transport: StatelessTransportState) -> (Sender<W>, Receiver<R>) {
+    let transport = Arc::new(transport);
+    (
+        Sender { writer, transport: transport.clone(), nonce: 0, out: Vec::new() },
+        Receiver { reader, transport, nonce: 0, plain: Vec::new(), pos: 0, record: vec![0; NOISE_MAX] },
+    )
+}
+
+/// The sending half of a channel.
+pub struct Sender<W> {
+    writer: W,
+    transport: Arc<StatelessTransportState>,
+    nonce: u64,
+    out: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> Sender<W> {
+    /// Encrypts `plain` (one or more encoded frames) and writes it in one go.
+    pub async fn send(&mut self, plain: &[u8]) -> Result<(), ChannelError> {
+        let records = plain.len().div_ceil(RECORD_PLAINTEXT);
+        self.out.clear();
+        self.out.reserve(plain.len() + records * (2 + TAG_LEN));
+        for chunk in plain.chunks(RECORD_PLAINTEXT) {
+            let at = self.out.len();
+            self.out.resize(at + 2 + chunk.len() + TAG_LEN, 0);
+            let n = self
+                .transport
+                .write_message(self.nonce, chunk, &mut self.out[at + 2..])
+                .map_err(snow_err)?;
+            self.nonce += 1;
+            self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        }
+        self.writer.write_all(&self.out).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Closes the write side of the byte stream.
+    pub async fn close(&mut self) -> io::Result<()> {
+        self.writer.close().await
+    }
+}
+
+/// The receiving half of a channel.
+pub struct Receiver<R> {
+    reader: R,
+    transport: Arc<StatelessTransportState>,
+    nonce: u64,
+    /// Decrypted bytes; frames are decoded from `pos` on.
+    plain: Vec<u8>,
+    pos: usize,
+    record: Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> Receiver<R> {
+    /// Returns the next frame, reading and decrypting records as needed. A frame longer
+    /// than `limits` allows is refused from its header, before it is buffered.
+    /// `Ok(None)` means the peer closed the stream cleanly between frames.
+    pub async fn recv(&mut self, limits: &Limits) -> Result<Option<Frame<'_>>, ChannelError> {
+        if self.pos == self.plain.len() {
+            self.plain.clear();
+            self.pos = 0;
+        } else if self.pos > RECORD_PLAINTEXT {
+            self.plain.drain(..self.pos);
+            self.pos = 0;
+        }
+        loop {
+            match protocol::frame_len(&self.plain[self.pos..], limits) {
+                Ok(n) if self.plain.len() - self.pos >= n => break,
+                Ok(_) | Err(DecodeError::Incomplete) => {
+                    let at_boundary = self.pos == self.plain.len();
+                    if !self.read_record().await? {
+                        return if at_boundary {
+                            Ok(None)
+                        } else {
+                            Err(ChannelError::Protocol("stream ended inside a frame".into()))
+                        };
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (frame, used) = protocol::decode_frame(&self.plain[self.pos..], limits)?;
+        self.pos += used;
+        Ok(Some(frame))
+    }
+
+    /// Reads and decrypts one record onto `plain`; false at a clean end of stream.
+    async fn read_record(&mut self) -> Result<bool, ChannelError> {
+        let mut len = [0u8; 2];
+        match self.reader.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u16::from_be_bytes(len) as usize;
+        if len <= TAG_LEN {
+            return Err(ChannelError::Protocol(format!("record of {len} bytes")));
+        }
+        self.reader.read_exact(&mut self.record[..len]).await?;
+        let at = self.plain.len();
+        self.plain.resize(at + len - TAG_LEN, 0);
+        match self.transport.read_message(self.nonce, &self.record[..len], &mut self.plain[at..]) {
+            Ok(n) => self.plain.truncate(at + n),
+            Err(_) => return Err(ChannelError::Decrypt),
+        }
+        self.nonce += 1;
+        Ok(true)
+    }
+}

@@ -1,0 +1,361 @@
+//! Noise static key pairs (Curve25519) and their files.
+//!
+//! A private key file holds one line of base64 (32 bytes) and must be mode 0600; the public key
+//! sits beside it in `FILE.pub`, also one line of base64. Public keys travel as that base64 text:
+//! on the command line, in `FILE.pub` files and in `authorized_keys`.
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use snow::params::DHChoice;
+use snow::resolvers::{CryptoResolver, DefaultResolver};
+
+/// The Noise pattern the keys are made for; only its DH part (25519) matters here.
+const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+
+const KEY_LEN: usize = 32;
+
+/// Why a key could not be generated, written, read or parsed; the message is meant for the user.
+#[derive(Debug)]
+pub struct KeyError(pub String);
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// A Curve25519 private key. Its `Debug` never shows the key.
+#[derive(Clone)]
+pub struct PrivateKey([u8; KEY_LEN]);
+
+impl PrivateKey {
+    pub fn bytes(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    pub fn public(&self) -> PublicKey {
+        let mut dh = DefaultResolver
+            .resolve_dh(&DHChoice::Curve25519)
+            .expect("snow's default resolver provides Curve25519");
+        dh.set(&self.0);
+        let mut public = [0; KEY_LEN];
+        public.copy_from_slice(dh.pubkey());
+        PublicKey(public)
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(..)")
+    }
+}
+
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        // Best effort: moves may have left copies elsewhere, but the long-lived one goes.
+        // black_box keeps the compiler from dropping the store to memory that is about to die.
+        self.0.fill(0);
+        std::hint::black_box(&self.0);
+    }
+}
+
+/// A Curve25519 public key; displayed and parsed as standard base64 (44 characters).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(pub [u8; KEY_LEN]);
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&BASE64.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        decode_key(s).map(PublicKey).ok_or_else(|| {
+            KeyError(
+                "not a dst public key: expected 44 characters of base64 (as printed by dst-keygen)"
+                    .into(),
+            )
+        })
+    }
+}
+
+fn decode_key(s: &str) -> Option<[u8; KEY_LEN]> {
+    BASE64.decode(s.trim()).ok()?.try_into().ok()
+}
+
+/// Generates a fresh private key from the operating system's random source.
+pub fn generate() -> PrivateKey {
+    let params = NOISE_PARAMS
+        .parse()
+        .expect("the built-in Noise pattern parses");
+    let pair = snow::Builder::new(params)
+        .generate_keypair()
+        .expect("snow's default resolver provides an RNG and Curve25519");
+    PrivateKey(
+        pair.private
+            .try_into()
+            .expect("Curve25519 private keys are 32 bytes"),
+    )
+}
+
+/// Where the public key of the private key file `private` lives: the full name plus ".pub".
+pub fn public_key_path(private: &Path) -> PathBuf {
+    let mut name = private.as_os_str().to_owned();
+    name.push(".pub");
+    name.into()
+}
+
+/// Generates a key pair and writes the private key to `path` (mode 0600) and the public key to
+/// `path.pub`. Without `force` an existing private key is never overwritten: whoever trusts the
+/// old public key would be locked out.
+pub fn write_keypair(path: &Path, force: bool) -> Result<PublicKey, KeyError> {
+    let shown = path.display();
+    let key = generate();
+
+    let mut options = OpenOptions::new();
+    options.write(true).mode(0o600);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => KeyError(format!(
+            "{shown} already exists; pass --force to overwrite it (the old key stops working)"
+        )),
+        _ => KeyError(format!("cannot create private key {shown}: {e}")),
+    })?;
+    // `mode` only applies to new files; an overwritten one keeps its old mode, so fix it before
+    // the new key is written.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .and_then(|()| writeln!(file, "{}", BASE64.encode(key.bytes())))
+        // A crash must not leave a truncated key behind a .pub that looks fine.
+        .and_then(|()| file.sync_all())
+        .map_err(|e| KeyError(format!("cannot write private key {shown}: {e}")))?;
+
+    let public = key.public();
+    let pub_path = public_key_path(path);
+    fs::write(&pub_path, format!("{public}\n")).map_err(|e| {
+        KeyError(format!(
+            "cannot write public key {}: {e} (the private key in {shown} is fine; \
+             the public key is also printed by dst-keygen)",
+            pub_path.display()
+        ))
+    })?;
+    Ok(public)
+}
+
+/// Reads a private key file written by [`write_keypair`], refusing one that others can read.
+pub fn load_private(path: &Path) -> Result<PrivateKey, KeyError> {
+    let shown = path.display();
+    let read_err = |e: io::Error| KeyError(format!("cannot read private key {shown}: {e}"));
+    let file = fs::File::open(path).map_err(read_err)?;
+    // Check the mode of the file we opened, not of whatever the path names a moment later.
+    let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        let hint = if path.extension().is_some_and(|ext| ext == "pub") {
+            " (is this the public key? pass the private key file, without .pub)"
+        } else {
+            ""
+        };
+        return Err(KeyError(format!(
+            "private key {shown} is readable by others (mode {mode:04o}); \
+             fix it with: chmod 600 {shown}{hint}"
+        )));
+    }
+    let text = io::read_to_string(file).map_err(read_err)?;
+    decode_key(&text).map(PrivateKey).ok_or_else(|| {
+        KeyError(format!(
+            "{shown} is not a dst private key: expected one line of base64 \
+             (create one with: dst-keygen {shown})"
+        ))
+    })
+}
+
+/// Takes a public key given either literally (base64) or as a key file such as `server.key.pub`.
+pub fn load_public(arg: &str) -> Result<PublicKey, KeyError> {
+    if let Ok(key) = arg.parse() {
+        return Ok(key);
+    }
+    let text = fs::read_to_string(arg).map_err(|e| {
+        KeyError(format!(
+            "{arg} is neither a base64 public key nor a readable key file: {e} \
+             (a public key is 44 characters of base64, as printed by dst-keygen)"
+        ))
+    })?;
+    let token = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))
+        .and_then(|line| line.split_whitespace().next());
+    let key: PublicKey = token.and_then(|t| t.parse().ok()).ok_or_else(|| {
+        KeyError(format!(
+            "{arg} is not a dst public key file: expected a line with 44 characters of base64 \
+             (as written by dst-keygen to FILE.pub)"
+        ))
+    })?;
+    // A private key file has the same format, so passing server.key for server.key.pub would
+    // "work" until the handshake fails far away; catch it here, where the fix is obvious.
+    let sibling = public_key_path(Path::new(arg));
+    if let Ok(sibling_text) = fs::read_to_string(&sibling) {
+        if decode_key(&sibling_text) == Some(PrivateKey(key.0).public().0) {
+            return Err(KeyError(format!(
+                "{arg} is a private key; pass its public key {} instead",
+                sibling.display()
+            )));
+        }
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg<T: fmt::Debug>(r: Result<T, KeyError>) -> String {
+        r.unwrap_err().0
+    }
+
+    #[test]
+    fn write_then_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        let public = write_keypair(&path, false).unwrap();
+
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let private = load_private(&path).unwrap();
+        assert_eq!(private.public(), public);
+
+        let pub_path = dir.path().join("node.key.pub");
+        assert_eq!(
+            fs::read_to_string(&pub_path).unwrap(),
+            format!("{public}\n")
+        );
+        assert_eq!(load_public(pub_path.to_str().unwrap()).unwrap(), public);
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        assert_ne!(generate().bytes(), generate().bytes());
+    }
+
+    #[test]
+    fn existing_key_needs_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let first = write_keypair(&path, false).unwrap();
+        let err = msg(write_keypair(&path, false));
+        assert!(err.contains("already exists; pass --force"), "{err}");
+        assert_eq!(load_private(&path).unwrap().public(), first);
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let second = write_keypair(&path, true).unwrap();
+        assert_ne!(first, second);
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "--force must restore mode 0600");
+        assert_eq!(load_private(&path).unwrap().public(), second);
+    }
+
+    #[test]
+    fn refuses_private_key_readable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_keypair(&path, false).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = msg(load_private(&path));
+        assert!(err.contains("readable by others (mode 0644)"), "{err}");
+        assert!(
+            err.contains(&format!("chmod 600 {}", path.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_public_takes_literal_or_file() {
+        let public = generate().public();
+        let text = public.to_string();
+        assert_eq!(text.len(), 44);
+        assert_eq!(load_public(&text).unwrap(), public);
+        assert_eq!(load_public(&format!("  {text}\n")).unwrap(), public);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.pub");
+        fs::write(&path, format!("# the export node\n\n{text} node-a\n")).unwrap();
+        assert_eq!(load_public(path.to_str().unwrap()).unwrap(), public);
+    }
+
+    #[test]
+    fn load_public_refuses_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_keypair(&path, false).unwrap();
+        let err = msg(load_public(path.to_str().unwrap()));
+        assert!(
+            err.contains("is a private key; pass its public key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_keys_are_explained() {
+        let err = msg("abc".parse::<PublicKey>());
+        assert!(err.contains("expected 44 characters of base64"), "{err}");
+        // Valid base64, wrong length.
+        let err = msg(BASE64.encode([1u8; 16]).parse::<PublicKey>());
+        assert!(err.contains("not a dst public key"), "{err}");
+
+        let err = msg(load_public("/nonexistent/key.pub"));
+        assert!(
+            err.contains("neither a base64 public key nor a readable key file"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.pub");
+        fs::write(&path, "# only a comment\nnot-base64!\n").unwrap();
+        let err = msg(load_public(path.to_str().unwrap()));
+        assert!(err.contains("is not a dst public key file"), "{err}");
+
+        let path = dir.path().join("bad.key");
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(b"!!!!\n")
+            .unwrap();
+        let err = msg(load_private(&path));
+        assert!(err.contains("is not a dst private key"), "{err}");
+
+        let err = msg(load_private(&dir.path().join("missing")));
+        assert!(err.contains("cannot read private key"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_private_key() {
+        let key = generate();
+        let shown = format!("{key:?}");
+        assert_eq!(shown, "PrivateKey(..)");
+        assert!(!shown.contains(&BASE64.encode(key.bytes())));
+    }
+}

@@ -1,0 +1,702 @@
+//! The dst wire protocol: the frames exchanged inside the encrypted channel, their
+//! encoding, and their strict decoding. No I/O lives here.
+//!
+//! After the Noise handshake the channel carries a plaintext byte stream of frames:
+//!
+//! ```text
+//! frame   = len:u32 kind:u8 body            (len counts kind + body, big endian)
+//! HELLO   = fields                          client -> server, once
+//! WELCOME = fields                          server -> client, once
+//! REQUEST = op:u8 flags:u8 0:u16 txid:u64 floor:u64 offset:u64 length:u32 [data]
+//! REPLY   = txid:u64 status:u32 [data]
+//! fields  = (tag:u16 len:u16 value)*        unknown tags are skipped, so peers can add fields
+//! ```
+//!
+//! `floor` is the lowest transaction id the client still waits for; the server may forget
+//! replies below it. Every length is checked against a limit before anything is allocated.
+
+use std::fmt;
+
+/// Version of the frame layout and semantics; bumped only for incompatible changes.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Bytes before a frame's body: the length and the kind.
+pub const FRAME_HEADER: usize = 5;
+/// Fixed part of a REQUEST body (after the frame header).
+pub const REQUEST_HEADER: usize = 1 + 1 + 2 + 8 + 8 + 8 + 4;
+/// Fixed part of a REPLY body (after the frame header).
+pub const REPLY_HEADER: usize = 8 + 4;
+/// Largest HELLO or WELCOME body; they carry names and numbers, never data.
+pub const MAX_NEGOTIATION: usize = 4096;
+/// Largest transfer a server ever agrees to, whatever it is configured with.
+pub const MAX_TRANSFER_LIMIT: u32 = 32 << 20;
+/// Longest export name.
+pub const MAX_EXPORT_NAME: usize = 255;
+
+const KIND_HELLO: u8 = 1;
+const KIND_WELCOME: u8 = 2;
+const KIND_REQUEST: u8 = 3;
+const KIND_REPLY: u8 = 4;
+
+/// Feature flags, advertised by the server in WELCOME.
+pub mod features {
+    pub const FLUSH: u64 = 1 << 0;
+    pub const FUA: u64 = 1 << 1;
+    pub const TRIM: u64 = 1 << 2;
+    pub const WRITE_ZEROES: u64 = 1 << 3;
+    /// All features this build understands.
+    pub const ALL: u64 = FLUSH | FUA | TRIM | WRITE_ZEROES;
+}
+
+/// Request flag: the write must be on stable storage before it is acked.
+pub const FLAG_FUA: u8 = 1;
+
+/// Errors of decoding: the peer sent something this side will not accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// More bytes are needed; not an error of the peer (yet).
+    Incomplete,
+    /// The frame is malformed; the connection must be closed.
+    Malformed(String),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Incomplete => write!(f, "incomplete frame"),
+            DecodeError::Malformed(why) => write!(f, "malformed frame: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+fn malformed<T>(why: impl Into<String>) -> Result<T, DecodeError> {
+    Err(DecodeError::Malformed(why.into()))
+}
+
+/// What a request asks the export node to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Read = 1,
+    Write = 2,
+    Flush = 3,
+    Trim = 4,
+    WriteZeroes = 5,
+    Ping = 6,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Op> {
+        Some(match v {
+            1 => Op::Read,
+            2 => Op::Write,
+            3 => Op::Flush,
+            4 => Op::Trim,
+            5 => Op::WriteZeroes,
+            6 => Op::Ping,
+            _ => return None,
+        })
+    }
+
+    /// Whether the request changes the export (and so needs a read-write session).
+    pub fn modifies(self) -> bool {
+        matches!(self, Op::Write | Op::Trim | Op::WriteZeroes)
+    }
+
+    /// Whether `offset` and `length` address a range of the export.
+    pub fn has_range(self) -> bool {
+        matches!(self, Op::Read | Op::Write | Op::Trim | Op::WriteZeroes)
+    }
+}
+
+/// Fixed part of a request; the payload of a WRITE travels beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    pub op: Op,
+    pub flags: u8,
+    pub txid: u64,
+    pub floor: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// Fixed part of a reply; the data of a successful READ travels beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyHeader {
+    pub txid: u64,
+    /// 0 for success, else a Linux errno value.
+    pub status: u32,
+}
+
+/// Access mode of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly = 0,
+    ReadWrite = 1,
+}
+
+/// Identity of a session, chosen by the server; it survives reconnects.
+pub type SessionId = [u8; 16];
+
+/// First frame of a client: what it wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub export: String,
+    pub access: Access,
+    /// Session to resume after a reconnect; `None` starts a new one.
+    pub session: Option<SessionId>,
+    /// Largest transfer the client wants to use.
+    pub max_transfer: u32,
+    pub features: u64,
+}
+
+/// The server's answer to HELLO: either the export's parameters or a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Welcome {
+    Accepted(ExportInfo),
+    Refused { status: u32, message: String },
+}
+
+/// What a client learns about its export and session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub version: u16,
+    pub export: String,
+    pub access: Access,
+    pub session: SessionId,
+    /// True when `session` is the one the client asked to resume.
+    pub resumed: bool,
+    pub size: u64,
+    pub block_size: u32,
+    pub max_transfer: u32,
+    pub features: u64,
+}
+
+/// A decoded frame. Payloads borrow from the buffer they were decoded from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Hello(Hello),
+    Welcome(Welcome),
+    Request(RequestHeader, &'a [u8]),
+    Reply(ReplyHeader, &'a [u8]),
+}
+
+mod tag {
+    pub const VERSION: u16 = 1;
+    pub const EXPORT: u16 = 2;
+    pub const ACCESS: u16 = 3;
+    pub const SESSION: u16 = 4;
+    pub const FEATURES: u16 = 5;
+    pub const MAX_TRANSFER: u16 = 6;
+    pub const SIZE: u16 = 7;
+    pub const BLOCK_SIZE: u16 = 8;
+    pub const RESUMED: u16 = 9;
+    pub const STATUS: u16 = 16;
+    pub const MESSAGE: u16 = 17;
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+
+fn begin_frame(out: &mut Vec<u8>, kind: u8) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, kind]);
+    start
+}
+
+fn end_frame(out: &mut [u8], start: usize) {
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn put_field(out: &mut Vec<u8>, tag: u16, value: &[u8]) {
+    out.extend_from_slice(&tag.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// Appends a HELLO frame to `out`.
+pub fn encode_hello(out: &mut Vec<u8>, h: &Hello) {
+    let start = begin_frame(out, KIND_HELLO);
+    put_field(out, tag::VERSION, &h.version.to_be_bytes());
+    put_field(out, tag::EXPORT, h.export.as_bytes());
+    put_field(out, tag::ACCESS, &[h.access as u8]);
+    if let Some(s) = &h.session {
+        put_field(out, tag::SESSION, s);
+    }
+    put_field(out, tag::MAX_TRANSFER, &h.max_transfer.to_be_bytes());
+    put_field(out, tag::FEATURES, &h.features.to_be_bytes());
+    end_frame(out, start);
+}
+
+/// Appends a WELCOME frame to `out`.
+pub fn encode_welcome(out: &mut Vec<u8>, w: &Welcome) {
+    let start = begin_frame(out, KIND_WELCOME);
+    match w {
+        Welcome::Accepted(i) => {
+            put_field(out, tag::STATUS, &0u32.to_be_bytes());
+            put_field(out, tag::VERSION, &i.version.to_be_bytes());
+            put_field(out, tag::EXPORT, i.export.as_bytes());
+            put_field(out, tag::ACCESS, &[i.access as u8]);
+            put_field(out, tag::SESSION, &i.session);
+            put_field(out, tag::RESUMED, &[i.resumed as u8]);
+            put_field(out, tag::SIZE, &i.size.to_be_bytes());
+            put_field(out, tag::BLOCK_SIZE, &i.block_size.to_be_bytes());
+            put_field(out, tag::MAX_TRANSFER, &i.max_transfer.to_be_bytes());
+            put_field(out, tag::FEATURES, &i.features.to_be_bytes());
+        }
+        Welcome::Refused { status, message } => {
+            put_field(out, tag::STATUS, &status.to_be_bytes());
+            // Messages are ours and short; cut rather than fail if one is not.
+            let mut end = message.len().min(MAX_NEGOTIATION / 2);
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            put_field(out, tag::MESSAGE, &message.as_bytes()[..end]);
+        }
+    }
+    end_frame(out, start);
+}
+
+/// Appends a REQUEST frame to `out`. `data` is the payload of a WRITE, else empty.
+pub fn encode_request(out: &mut Vec<u8>, h: &RequestHeader, data: &[u8]) {
+    let start = begin_frame(out, KIND_REQUEST);
+    encode_request_header_body(out, h);
+    out.extend_from_slice(data);
+    end_frame(out, start);
+}
+
+fn encode_request_header_body(out: &mut Vec<u8>, h: &RequestHeader) {
+    out.push(h.op as u8);
+    out.push(h.flags);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&h.txid.to_be_bytes());
+    out.extend_from_slice(&h.floor.to_be_bytes());
+    out.extend_from_slice(&h.offset.to_be_bytes());
+    out.extend_from_slice(&h.length.to_be_bytes());
+}
+
+/// Appends a REPLY frame to `out`. `data` is the data of a successful READ, else empty.
+pub fn encode_reply(out: &mut Vec<u8>, h: &ReplyHeader, data: &[u8]) {
+    let start = begin_frame(out, KIND_REPLY);
+    out.extend_from_slice(&h.txid.to_be_bytes());
+    out.extend_from_slice(&h.status.to_be_bytes());
+    out.extend_from_slice(data);
+    end_frame(out, start);
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+
+/// Limits a decoder enforces: what was negotiated, or the pre-negotiation defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest READ/WRITE/TRIM length and WRITE/READ payload.
+    pub max_transfer: u32,
+}
+
+impl Limits {
+    /// Largest frame (length field value) these limits allow.
+    pub fn max_frame(&self) -> usize {
+        1 + REQUEST_HEADER.max(REPLY_HEADER) + (self.max_transfer as usize).max(MAX_NEGOTIATION)
+    }
+}
+
+/// Length of the first frame in `buf`, header included, once its header is there.
+/// Fails if the declared length is over the limits, so a caller can refuse to buffer it.
+pub fn frame_len(buf: &[u8], limits: &Limits) -> Result<usize, DecodeError> {
+    if buf.len() < 4 {
+        return Err(DecodeError::Incomplete);
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+    if len == 0 {
+        return malformed("empty frame");
+    }
+    if len > limits.max_frame() {
+        return malformed(format!(
+            "frame of {len} bytes is over the limit of {}",
+            limits.max_frame()
+        ));
+    }
+    Ok(4 + len)
+}
+
+/// Decodes the first frame in `buf`. Returns the frame and the bytes it used.
+pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Frame<'a>, usize), DecodeError> {
+    let total = frame_len(buf, limits)?;
+    if buf.len() < total {
+        return Err(DecodeError::Incomplete);
+    }
+    let kind = buf[4];
+    let body = &buf[FRAME_HEADER..total];
+    let frame = match kind {
+        KIND_HELLO => Frame::Hello(decode_hello(body)?),
+        KIND_WELCOME => Frame::Welcome(decode_welcome(body)?),
+        KIND_REQUEST => {
+            let (h, data) = decode_request(body, limits)?;
+            Frame::Request(h, data)
+        }
+        KIND_REPLY => {
+            let (h, data) = decode_reply(body, limits)?;
+            Frame::Reply(h, data)
+        }
+        k => return malformed(format!("unknown frame kind {k}")),
+    };
+    Ok((frame, total))
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b[..2].try_into().unwrap())
+}
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+fn decode_request<'a>(b: &'a [u8], limits: &Limits) -> Result<(RequestHeader, &'a [u8]), DecodeError> {
+    if b.len() < REQUEST_HEADER {
+        return malformed("short request");
+    }
+    let op = match Op::from_u8(b[0]) {
+        Some(op) => op,
+        None => return malformed(format!("unknown request op {}", b[0])),
+    };
+    let flags = b[1];
+    if flags & !FLAG_FUA != 0 {
+        return malformed(format!("unknown request flags {flags:#x}"));
+    }
+    if be_u16(&b[2..]) != 0 {
+        return malformed("reserved request bits set");
+    }
+    let h = RequestHeader {
+        op,
+        flags,
+        txid: be_u64(&b[4..]),
+        floor: be_u64(&b[12..]),
+        offset: be_u64(&b[20..]),
+        length: be_u32(&b[28..]),
+    };
+    let data = &b[REQUEST_HEADER..];
+    if h.floor > h.txid {
+        return malformed("request floor above its own transaction id");
+    }
+    if matches!(op, Op::Read | Op::Write) && h.length > limits.max_transfer {
+        return malformed(format!(
+            "request length {} over the negotiated maximum transfer {}",
+            h.length, limits.max_transfer
+        ));
+    }
+    let want = if op == Op::Write { h.length as usize } else { 0 };
+    if data.len() != want {
+        return malformed(format!(
+            "{op:?} request carries {} payload bytes, expected {want}",
+            data.len()
+        ));
+    }
+    if !op.has_range() && (h.offset != 0 || h.length != 0) {
+        return malformed(format!("{op:?} request with a range"));
+    }
+    Ok((h, data))
+}
+
+fn decode_reply<'a>(b: &'a [u8], limits: &Limits) -> Result<(ReplyHeader, &'a [u8]), DecodeError> {
+    if b.len() < REPLY_HEADER {
+        return malformed("short reply");
+    }
+    let h = ReplyHeader {
+        txid: be_u64(b),
+        status: be_u32(&b[8..]),
+    };
+    let data = &b[REPLY_HEADER..];
+    if data.len() > limits.max_transfer as usize {
+        return malformed("reply data over the negotiated maximum transfer");
+    }
+    if h.status != 0 && !data.is_empty() {
+        return malformed("error reply with data");
+    }
+    Ok((h, data))
+}
+
+/// Iterates over the (tag, value) fields of a HELLO or WELCOME, rejecting duplicates.
+fn fields(mut b: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
+    if b.len() > MAX_NEGOTIATION {
+        return malformed("negotiation frame too long");
+    }
+    let mut out: Vec<(u16, &[u8])> = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 4 {
+            return malformed("truncated field header");
+        }
+        let (tag, len) = (be_u16(b), be_u16(&b[2..]) as usize);
+        if b.len() < 4 + len {
+            return malformed(format!("field {tag} truncated"));
+        }
+        if out.iter().any(|(t, _)| *t == tag) {
+            return malformed(format!("field {tag} repeated"));
+        }
+        out.push((tag, &b[4..4 + len]));
+        b = &b[4 + len..];
+    }
+    Ok(out)
+}
+
+/// Typed access to negotiation fields.
+struct Fields<'a>(Vec<(u16, &'a [u8])>);
+
+impl<'a> Fields<'a> {
+    fn raw(&self, tag: u16) -> Option<&'a [u8]> {
+        self.0.iter().find(|(t, _)| *t == tag).map(|(_, v)| *v)
+    }
+    fn fixed<const N: usize>(&self, tag: u16, name: &str) -> Result<Option<[u8; N]>, DecodeError> {
+        match self.raw(tag) {
+            None => Ok(None),
+            Some(v) => match v.try_into() {
+                Ok(a) => Ok(Some(a)),
+                Err(_) => malformed(format!("field {name} has {} bytes, expected {N}", v.len())),
+            },
+        }
+    }
+    fn required<const N: usize>(&self, tag: u16, name: &str) -> Result<[u8; N], DecodeError> {
+        match self.fixed(tag, name)? {
+            Some(a) => Ok(a),
+            None => malformed(format!("field {name} missing")),
+        }
+    }
+    fn string(&self, tag: u16, name: &str, max: usize) -> Result<String, DecodeError> {
+        let v = self.raw(tag).unwrap_or_default();
+        if v.len() > max {
+            return malformed(format!("field {name} longer than {max} bytes"));
+        }
+        match std::str::from_utf8(v) {
+            Ok(s) => Ok(s.to_owned()),
+            Err(_) => malformed(format!("field {name} is not UTF-8")),
+        }
+    }
+    fn access(&self) -> Result<Access, DecodeError> {
+        match self.required::<1>(tag::ACCESS, "access")?[0] {
+            0 => Ok(Access::ReadOnly),
+            1 => Ok(Access::ReadWrite),
+            v => malformed(format!("unknown access mode {v}")),
+        }
+    }
+}
+
+fn decode_hello(b: &[u8]) -> Result<Hello, DecodeError> {
+    let f = Fields(fields(b)?);
+    let export = f.string(tag::EXPORT, "export", MAX_EXPORT_NAME)?;
+    if f.raw(tag::EXPORT).is_none() {
+        return malformed("field export missing");
+    }
+    Ok(Hello {
+        version: u16::from_be_bytes(f.required(tag::VERSION, "version")?),
+        export,
+        access: f.access()?,
+        session: f.fixed(tag::SESSION, "session")?,
+        max_transfer: u32::from_be_bytes(f.required(tag::MAX_TRANSFER, "max_transfer")?),
+        features: u64::from_be_bytes(f.fixed(tag::FEATURES, "features")?.unwrap_or_default()),
+    })
+}
+
+fn decode_welcome(b: &[u8]) -> Result<Welcome, DecodeError> {
+    let f = Fields(fields(b)?);
+    let status = u32::from_be_bytes(f.required(tag::STATUS, "status")?);
+    if status != 0 {
+        return Ok(Welcome::Refused {
+            status,
+            message: f.string(tag::MESSAGE, "message", MAX_NEGOTIATION)?,
+        });
+    }
+    let info = ExportInfo {
+        version: u16::from_be_bytes(f.required(tag::VERSION, "version")?),
+        export: f.string(tag::EXPORT, "export", MAX_EXPORT_NAME)?,
+        access: f.access()?,
+        session: f.required(tag::SESSION, "session")?,
+        resumed: f.fixed::<1>(tag::RESUMED, "resumed")?.is_some_and(|v| v[0] != 0),
+        size: u64::from_be_bytes(f.required(tag::SIZE, "size")?),
+        block_size: u32::from_be_bytes(f.required(tag::BLOCK_SIZE, "block_size")?),
+        max_transfer: u32::from_be_bytes(f.required(tag::MAX_TRANSFER, "max_transfer")?),
+        features: u64::from_be_bytes(f.fixed(tag::FEATURES, "features")?.unwrap_or_default()),
+    };
+    if !info.block_size.is_power_of_two() || !(512..=65536).contains(&info.block_size) {
+        return malformed(format!("block size {} is not a power of two in 512..=65536", info.block_size));
+    }
+    if info.max_transfer < info.block_size || info.max_transfer > MAX_TRANSFER_LIMIT {
+        return malformed(format!("maximum transfer {} out of range", info.max_transfer));
+    }
+    Ok(Welcome::Accepted(info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: Limits = Limits { max_transfer: 1 << 20 };
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            Just(Op::Read),
+            Just(Op::Write),
+            Just(Op::Flush),
+            Just(Op::Trim),
+            Just(Op::WriteZeroes),
+            Just(Op::Ping)
+        ]
+    }
+
+    prop_compose! {
+        fn request()(op in op_strategy(), fua in any::<bool>(), txid in any::<u64>(), back in any::<u64>(),
+                     offset in any::<u64>(), length in 0u32..4096, seed in any::<u8>())
+                     -> (RequestHeader, Vec<u8>) {
+            let (offset, length) = if op.has_range() { (offset, length) } else { (0, 0) };
+            let h = RequestHeader { op, flags: if fua { FLAG_FUA } else { 0 }, txid, floor: txid - back % (txid.max(1)), offset, length };
+            let data = if op == Op::Write { (0..length).map(|i| (i as u8) ^ seed).collect() } else { Vec::new() };
+            (h, data)
+        }
+    }
+
+    prop_compose! {
+        fn hello()(version in any::<u16>(), export in "[a-z0-9_.-]{0,40}", rw in any::<bool>(),
+                   session in proptest::option::of(any::<[u8; 16]>()), max_transfer in any::<u32>(),
+                   features in any::<u64>()) -> Hello {
+            Hello { version, export, access: if rw { Access::ReadWrite } else { Access::ReadOnly },
+                    session, max_transfer, features }
+        }
+    }
+
+    prop_compose! {
+        fn welcome()(accepted in any::<bool>(), export in "[a-z0-9]{0,40}", session in any::<[u8; 16]>(),
+                     resumed in any::<bool>(), size in any::<u64>(), bs_shift in 9u32..=16,
+                     mt in 65536u32..=MAX_TRANSFER_LIMIT, features in any::<u64>(),
+                     status in 1u32..200, message in "\\PC{0,100}") -> Welcome {
+            if accepted {
+                Welcome::Accepted(ExportInfo { version: PROTOCOL_VERSION, export, access: Access::ReadWrite,
+                    session, resumed, size, block_size: 1 << bs_shift, max_transfer: mt, features })
+            } else {
+                Welcome::Refused { status, message }
+            }
+        }
+    }
+
+    fn one(buf: &[u8]) -> Frame<'_> {
+        let (f, used) = decode_frame(buf, &LIMITS).expect("decodes");
+        assert_eq!(used, buf.len());
+        f
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip((h, data) in request()) {
+            let mut buf = Vec::new();
+            encode_request(&mut buf, &h, &data);
+            prop_assert_eq!(one(&buf), Frame::Request(h, &data));
+        }
+
+        #[test]
+        fn replies_round_trip(txid in any::<u64>(), status in any::<u32>(), data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let data = if status == 0 { data } else { Vec::new() };
+            let h = ReplyHeader { txid, status };
+            let mut buf = Vec::new();
+            encode_reply(&mut buf, &h, &data);
+            prop_assert_eq!(one(&buf), Frame::Reply(h, &data));
+        }
+
+        #[test]
+        fn hellos_round_trip(h in hello()) {
+            let mut buf = Vec::new();
+            encode_hello(&mut buf, &h);
+            prop_assert_eq!(one(&buf), Frame::Hello(h));
+        }
+
+        #[test]
+        fn welcomes_round_trip(w in welcome()) {
+            let mut buf = Vec::new();
+            encode_welcome(&mut buf, &w);
+            prop_assert_eq!(one(&buf), Frame::Welcome(w));
+        }
+
+        #[test]
+        fn truncated_frames_are_incomplete((h, data) in request(), cut in any::<prop::sample::Index>()) {
+            let mut buf = Vec::new();
+            encode_request(&mut buf, &h, &data);
+            let cut = cut.index(buf.len());
+            prop_assert_eq!(decode_frame(&buf[..cut], &LIMITS).unwrap_err(), DecodeError::Incomplete);
+        }
+
+        #[test]
+        fn corrupted_frames_never_panic((h, data) in request(), w in welcome(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            for mut buf in [Vec::new(), Vec::new()] {
+                if byte % 2 == 0 { encode_request(&mut buf, &h, &data) } else { encode_welcome(&mut buf, &w) }
+                let i = pos.index(buf.len());
+                buf[i] ^= byte | 1;
+                // Whatever the damage, decoding ends in a value or an error, never a panic,
+                // and never claims more bytes than exist.
+                if let Ok((_, used)) = decode_frame(&buf, &LIMITS) {
+                    prop_assert!(used <= buf.len());
+                }
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame(&buf, &LIMITS);
+        }
+
+        #[test]
+        fn oversized_lengths_are_refused_from_the_header(len in (LIMITS.max_frame() as u32 + 1)..) {
+            let mut buf = len.to_be_bytes().to_vec();
+            buf.push(KIND_REQUEST);
+            prop_assert!(matches!(frame_len(&buf, &LIMITS), Err(DecodeError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn write_longer_than_max_transfer_is_refused() {
+        let small = Limits { max_transfer: 4096 };
+        let h = RequestHeader { op: Op::Write, flags: 0, txid: 1, floor: 1, offset: 0, length: 8192 };
+        let mut buf = Vec::new();
+        encode_request(&mut buf, &h, &[7; 8192]);
+        assert!(matches!(decode_frame(&buf, &small), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn write_with_wrong_payload_length_is_refused() {
+        let h = RequestHeader { op: Op::Write, flags: 0, txid: 1, floor: 0, offset: 0, length: 10 };
+        let mut buf = Vec::new();
+        encode_request(&mut buf, &h, &[1; 9]);
+        let err = decode_frame(&buf, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("payload"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped() {
+        let h = Hello {
+            version: 1,
+            export: "disk".into(),
+            access: Access::ReadOnly,
+            session: None,
+            max_transfer: 1 << 20,
+            features: 0,
+        };
+        let mut buf = Vec::new();
+        encode_hello(&mut buf, &h);
+        // A newer peer's field, appended to the body.
+        buf.extend_from_slice(&[0x7f, 0x00, 0, 3, 1, 2, 3]);
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(one(&buf), Frame::Hello(h));
+    }
+
+    #[test]
+    fn repeated_fields_are_refused() {
+        let mut buf = Vec::new();
+        let start = begin_frame(&mut buf, KIND_HELLO);
+        put_field(&mut buf, tag::EXPORT, b"a");
+        put_field(&mut buf, tag::EXPORT, b"b");
+        end_frame(&mut buf, start);
+        assert!(matches!(decode_frame(&buf, &LIMITS), Err(DecodeError::Malformed(_))));
+    }
+}

@@ -1,0 +1,206 @@
+//! One export: a regular file or block device on the export node, and the blocking I/O
+//! on it. Requests reach here already checked against the export's size and access.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::protocol::{Op, SessionId};
+
+/// How an export is given on the command line: `NAME=PATH[:ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for ExportSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("export '{s}' is not NAME=PATH[:ro]"))?;
+        let (path, read_only) = match rest.strip_suffix(":ro") {
+            Some(p) => (p, true),
+            None => (rest, false),
+        };
+        let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if name.is_empty() || name.len() > crate::protocol::MAX_EXPORT_NAME || !name.chars().all(valid) {
+            return Err(format!(
+                "export name '{name}' must be 1 to {} characters of letters, digits, '-', '_' or '.'",
+                crate::protocol::MAX_EXPORT_NAME
+            ));
+        }
+        if path.is_empty() {
+            return Err(format!("export '{name}' has no path; use NAME=PATH"));
+        }
+        Ok(ExportSpec { name: name.into(), path: path.into(), read_only })
+    }
+}
+
+/// An open export.
+#[derive(Debug)]
+pub struct Export {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    file: File,
+    /// The same file opened O_DSYNC, so a FUA write is durable without a full fdatasync.
+    dsync: Option<File>,
+    /// The read-write session holding the export, if any: there is one writer at a time.
+    pub writer: Mutex<Option<SessionId>>,
+}
+
+/// Result of executing a request: an errno-style status and, for a read, the data.
+pub type Outcome = (u32, Vec<u8>);
+
+impl Export {
+    /// Opens (and with `create_size`, creates as a sparse file) the export in `spec`.
+    pub fn open(spec: &ExportSpec, create_size: Option<u64>) -> Result<Export, String> {
+        let path = &spec.path;
+        let ctx = |e: io::Error| format!("export '{}': {}: {e}", spec.name, path.display());
+        if !path.exists() {
+            let size = create_size.ok_or_else(|| {
+                format!(
+                    "export '{}': {} does not exist; create it, or pass --create-size SIZE to create a sparse image",
+                    spec.name,
+                    path.display()
+                )
+            })?;
+            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(ctx)?;
+            f.set_len(size).map_err(ctx)?;
+            log::info!("created sparse image {} of {size} bytes for export '{}'", path.display(), spec.name);
+        }
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(!spec.read_only)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let mut file = open(0).map_err(ctx)?;
+        let meta = file.metadata().map_err(ctx)?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(format!(
+                "export '{}': {} is neither a regular file nor a block device",
+                spec.name,
+                path.display()
+            ));
+        }
+        let size = file.seek(SeekFrom::End(0)).map_err(ctx)?;
+        let block_size = if ft.is_block_device() { logical_block_size(&file).map_err(ctx)? } else { 4096 };
+        let dsync = if spec.read_only { None } else { Some(open(libc::O_DSYNC).map_err(ctx)?) };
+        Ok(Export {
+            name: spec.name.clone(),
+            path: path.clone(),
+            size,
+            block_size,
+            read_only: spec.read_only,
+            file,
+            dsync,
+            writer: Mutex::new(None),
+        })
+    }
+
+    /// Whether `offset..offset+length` lies inside the export.
+    pub fn contains(&self, offset: u64, length: u32) -> bool {
+        offset.checked_add(length as u64).is_some_and(|end| end <= self.size)
+    }
+
+    /// Executes one request; blocking, so run it off the network tasks.
+    pub fn execute(&self, op: Op, fua: bool, offset: u64, length: u32, data: &[u8]) -> Outcome {
+        let result = match op {
+            Op::Read => {
+                let mut buf = vec![0u8; length as usize];
+                return match self.file.read_exact_at(&mut buf, offset) {
+                    Ok(()) => (0, buf),
+                    Err(e) => (errno(&e), Vec::new()),
+                };
+            }
+            Op::Write => {
+                let f = if fua { self.dsync.as_ref().unwrap_or(&self.file) } else { &self.file };
+                f.write_all_at(data, offset)
+            }
+            Op::Flush => self.sync(),
+            Op::Trim => self.trim(offset, length as u64, fua),
+            Op::WriteZeroes => self.write_zeroes(offset, length as u64, fua),
+            Op::Ping => Ok(()),
+        };
+        match result {
+            Ok(()) => (0, Vec::new()),
+            Err(e) => {
+                log::warn!("export '{}': {op:?} at {offset}+{length}: {e}", self.name);
+                (errno(&e), Vec::new())
+            }
+        }
+    }
+
+    /// Puts every completed write on stable storage.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            // A discard is a hint: where holes cannot be punched, the data may stay.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) if fua => self.sync(),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
+        let mut r = self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+        if r.as_ref().is_err_and(unsupported) {
+            r = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+        }
+        if r.as_ref().is_err_and(unsupported) {
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeroes.len() as u64) as usize;
+                self.file.write_all_at(&zeroes[..n], at)?;
+                at += n as u64;
+            }
+            r = Ok(());
+        }
+        r?;
+        if fua {
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
+
+fn errno(e: &io::Error) -> u32 {
+    e.raw_os_error().unwrap_or(libc::EIO) as u32
+}
+
+fn logical_block_size(file: &File) -> io::Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer we pass.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size as u32)
+}

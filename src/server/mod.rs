@@ -1,0 +1,602 @@
+//! The export node: listening, handshakes, negotiation, sessions, permissions, and the
+//! execution of requests on the exports.
+//!
+//! Each connection has a reader task that decodes requests and a writer task that
+//! batches replies into few channel sends. Requests run on the blocking pool, so a slow
+//! disk never stalls the network. A session outlives its connection: a client that
+//! reconnects resumes it, and its reply cache answers resent transactions.
+
+pub mod auth;
+pub mod export;
+pub mod reply_cache;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use smol::future::FutureExt;
+use smol::net::{TcpListener, TcpStream};
+
+use crate::channel::{self, Cipher, Sender};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::protocol::{
+    self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader, SessionId, Welcome,
+    FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
+};
+use auth::{AuthorizedKeys, Grant};
+use export::{Export, ExportSpec};
+use reply_cache::{Admit, ReplyCache};
+
+/// Everything a server is started with.
+#[derive(Debug)]
+pub struct Config {
+    pub key: PrivateKey,
+    pub authorized_keys: AuthorizedKeys,
+    /// Where the allowlist came from, for messages.
+    pub authorized_keys_path: PathBuf,
+    pub exports: Vec<ExportSpec>,
+    /// Size of the sparse image to create for an export whose file does not exist.
+    pub create_size: Option<u64>,
+    pub listen: SocketAddr,
+    pub ciphers: Vec<Cipher>,
+    /// Largest transfer the server agrees to.
+    pub max_transfer: u32,
+    /// Time a client has to finish the handshake and negotiation.
+    pub handshake_timeout: Duration,
+    /// How long a disconnected session is kept for its client to resume it.
+    pub session_linger: Duration,
+    /// Bytes of requests one session may have executing or queued for reply.
+    pub session_window: usize,
+}
+
+impl Config {
+    pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_SESSION_LINGER: Duration = Duration::from_secs(120);
+    pub const DEFAULT_SESSION_WINDOW: usize = 64 << 20;
+}
+
+/// Negotiation happens before any transfer size is agreed.
+const NEGOTIATION_LIMITS: Limits = Limits { max_transfer: MAX_NEGOTIATION as u32 };
+/// Replies batched into one channel send, at most.
+const REPLY_BATCH: usize = 256 << 10;
+
+/// A running server: bound, with its exports open.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    key: PrivateKey,
+    authorized_keys: RwLock<AuthorizedKeys>,
+    authorized_keys_path: PathBuf,
+    exports: HashMap<String, Arc<Export>>,
+    ciphers: Vec<Cipher>,
+    max_transfer: u32,
+    handshake_timeout: Duration,
+    session_linger: Duration,
+    session_window: usize,
+    sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    shutting_down: AtomicBool,
+    stop: event_listener::Event,
+    /// Requests executing on the blocking pool, over all sessions.
+    executing: AtomicUsize,
+    idle: event_listener::Event,
+    next_conn: AtomicU64,
+}
+
+/// State of one client session, shared by its successive connections.
+struct Session {
+    id: SessionId,
+    client: PublicKey,
+    export: Arc<Export>,
+    access: Access,
+    window: Window,
+    state: Mutex<SessionState>,
+}
+
+struct SessionState {
+    cache: ReplyCache,
+    /// Where replies go: the session's current connection, if it has one.
+    sink: Option<(u64, smol::channel::Sender<Reply>)>,
+    detached_since: Option<Instant>,
+}
+
+struct Reply {
+    header: ReplyHeader,
+    data: Vec<u8>,
+    _permit: Option<Permit>,
+}
+
+impl Server {
+    /// Opens the exports and binds the listening socket.
+    pub async fn bind(cfg: Config) -> Result<Server, String> {
+        let mut exports = HashMap::new();
+        for spec in &cfg.exports {
+            if exports.contains_key(&spec.name) {
+                return Err(format!("export '{}' is given twice", spec.name));
+            }
+            let export = Export::open(spec, cfg.create_size)?;
+            log::info!(
+                "export '{}': {} ({} bytes{})",
+                export.name,
+                export.path.display(),
+                export.size,
+                if export.read_only { ", read-only" } else { "" }
+            );
+            exports.insert(spec.name.clone(), Arc::new(export));
+        }
+        if exports.is_empty() {
+            return Err("no exports; give at least one --export NAME=PATH".into());
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        let shared = Arc::new(Shared {
+            key: cfg.key,
+            authorized_keys: RwLock::new(cfg.authorized_keys),
+            authorized_keys_path: cfg.authorized_keys_path,
+            exports,
+            ciphers: cfg.ciphers,
+            max_transfer: cfg.max_transfer.clamp(64 << 10, protocol::MAX_TRANSFER_LIMIT),
+            handshake_timeout: cfg.handshake_timeout,
+            session_linger: cfg.session_linger,
+            session_window: cfg.session_window.max(cfg.max_transfer as usize * 2),
+            sessions: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            stop: event_listener::Event::new(),
+            executing: AtomicUsize::new(0),
+            idle: event_listener::Event::new(),
+            next_conn: AtomicU64::new(1),
+        });
+        Ok(Server { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` resolves, then finishes executing requests, syncs every
+    /// export and returns.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let accept = async {
+            let mut last_reap = Instant::now();
+            loop {
+                match self.listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let shared = shared.clone();
+                        smol::spawn(async move { shared.serve(stream, peer).await }).detach();
+                    }
+                    // Out of descriptors and the like: keep serving the others.
+                    Err(e) => {
+                        log::warn!("accept failed: {e}");
+                        smol::Timer::after(Duration::from_millis(100)).await;
+                    }
+                }
+                if last_reap.elapsed() > Duration::from_secs(1) {
+                    shared.reap_sessions();
+                    last_reap = Instant::now();
+                }
+            }
+        };
+        accept.or(stop).await;
+        log::info!("shutting down: finishing executing requests");
+        shared.shutting_down.store(true, Ordering::SeqCst);
+        shared.stop.notify(usize::MAX);
+        loop {
+            let idle = shared.idle.listen();
+            if shared.executing.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            idle.await;
+        }
+        for export in shared.exports.values() {
+            if let Err(e) = export.sync() {
+                log::error!("export '{}': final sync failed: {e}", export.name);
+            }
+        }
+        // Let writer tasks send the last replies.
+        let sinks: Vec<_> = shared
+            .sessions
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|s| s.state.lock().unwrap().sink.take())
+            .collect();
+        for (_, sink) in sinks {
+            sink.close();
+        }
+        smol::Timer::after(Duration::from_millis(100)).await;
+        log::info!("all exports synced; bye");
+        Ok(())
+    }
+}
+
+impl Shared {
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let timeout = async {
+            smol::Timer::after(self.handshake_timeout).await;
+            Err(format!("did not finish the handshake within {:?}", self.handshake_timeout))
+        };
+        let opened = self.open(stream.clone(), stream).or(timeout).await;
+        let (tx, mut rx, session) = match opened {
+            Ok(v) => v,
+            Err(why) => {
+                log::info!("connection from {peer} closed: {why}");
+                return;
+            }
+        };
+        log::info!(
+            "{peer}: client {} opened export '{}' {:?} (connection {conn})",
+            session.client,
+            session.export.name,
+            session.access
+        );
+        let (sink, replies) = smol::channel::unbounded();
+        session.attach(conn, sink);
+        let writer = smol::spawn(write_replies(tx, replies));
+        let why = self.read_requests(&session, conn, &mut rx).await;
+        log::info!("{peer}: connection {conn} closed: {why}");
+        session.detach(conn);
+        writer.await;
+    }
+
+    /// Handshake and negotiation.
+    async fn open(
+        &self,
+        reader: TcpStream,
+        writer: TcpStream,
+    ) -> Result<(Sender<TcpStream>, channel::Receiver<TcpStream>, Arc<Session>), String> {
+        let (mut tx, mut rx, client) = channel::accept(reader, writer, &self.key, &self.ciphers, |key| {
+            match self.authorized_keys.read().unwrap().lookup(key) {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "client key {key} is not in the server's authorized keys ({}); add it there to admit this client",
+                    self.authorized_keys_path.display()
+                )),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let hello = match rx.recv(&NEGOTIATION_LIMITS).await {
+            Ok(Some(Frame::Hello(h))) => h,
+            Ok(Some(_)) => return Err("first frame is not HELLO".into()),
+            Ok(None) => return Err("closed before negotiation".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let result = self.negotiate(&client, &hello);
+        let welcome = match &result {
+            Ok(s) => Welcome::Accepted(ExportInfo {
+                version: PROTOCOL_VERSION,
+                export: s.export.name.clone(),
+                access: s.access,
+                session: s.id,
+                resumed: hello.session == Some(s.id),
+                size: s.export.size,
+                block_size: s.export.block_size,
+                max_transfer: self.max_transfer.min(hello.max_transfer.max(64 << 10)),
+                features: features::ALL,
+            }),
+            Err((status, message)) => Welcome::Refused { status: *status as u32, message: message.clone() },
+        };
+        let mut buf = Vec::new();
+        protocol::encode_welcome(&mut buf, &welcome);
+        tx.send(&buf).await.map_err(|e| e.to_string())?;
+        match result {
+            Ok(s) => Ok((tx, rx, s)),
+            Err((_, message)) => Err(format!("refused: {message}")),
+        }
+    }
+
+    /// Decides whether a client may open what it asks for, and finds or makes its session.
+    fn negotiate(&self, client: &PublicKey, hello: &Hello) -> Result<Arc<Session>, (i32, String)> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err((libc::ESHUTDOWN, "the server is shutting down".into()));
+        }
+        if hello.version != PROTOCOL_VERSION {
+            return Err((
+                libc::EPROTONOSUPPORT,
+                format!(
+                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
+                    hello.version
+                ),
+            ));
+        }
+        let Some(export) = self.exports.get(&hello.export) else {
+            let mut names: Vec<_> = self.exports.keys().cloned().collect();
+            names.sort();
+            return Err((
+                libc::ENOENT,
+                format!("no export named '{}'; this server exports: {}", hello.export, names.join(", ")),
+            ));
+        };
+        let grant = self.authorized_keys.read().unwrap().grant(client, &hello.export);
+        let may_write = match grant {
+            Grant::Unknown => return Err((libc::EACCES, format!("client key {client} is no longer authorized"))),
+            Grant::NotThisExport => {
+                return Err((
+                    libc::EACCES,
+                    format!(
+                        "client key {client} may not open export '{}'; add it to the key's exports= in {}",
+                        hello.export,
+                        self.authorized_keys_path.display()
+                    ),
+                ))
+            }
+            Grant::ReadOnly => false,
+            Grant::ReadWrite => !export.read_only,
+        };
+        if hello.access == Access::ReadWrite && !may_write {
+            let why = if export.read_only {
+                "the export is read-only on the server"
+            } else {
+                "this client's key is read-only (ro) in authorized_keys"
+            };
+            return Err((libc::EROFS, format!("export '{}' cannot be opened read-write: {why}; mount it read-only (--ro)", hello.export)));
+        }
+
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some(id) = hello.session {
+            if let Some(s) = sessions.get(&id) {
+                if s.client == *client && Arc::ptr_eq(&s.export, export) && s.access == hello.access {
+                    return Ok(s.clone());
+                }
+            }
+        }
+        let id: SessionId = random_id();
+        if hello.access == Access::ReadWrite {
+            let mut writer = export.writer.lock().unwrap();
+            if let Some(other) = *writer {
+                match sessions.get(&other) {
+                    // The same client, restarted: its old session has no connection and
+                    // can only be resumed by the id it lost, so let the new one take over.
+                    Some(s) if s.client == *client && s.detached_for().is_some() => {
+                        log::info!("export '{}': session replaced by a new one of the same client", export.name);
+                        sessions.remove(&other);
+                    }
+                    Some(s) => {
+                        let state = match s.detached_for() {
+                            Some(d) => format!(
+                                "disconnected {}s ago; released {}s after its disconnect",
+                                d.as_secs(),
+                                self.session_linger.as_secs()
+                            ),
+                            None => "connected".into(),
+                        };
+                        return Err((
+                            libc::EBUSY,
+                            format!(
+                                "export '{}' is already open read-write by another client (key {}, {state}); unmount it there, or mount read-only (--ro)",
+                                export.name, s.client
+                            ),
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            *writer = Some(id);
+        }
+        let session = Arc::new(Session {
+            id,
+            client: *client,
+            export: export.clone(),
+            access: hello.access,
+            window: Window::new(self.session_window),
+            state: Mutex::new(SessionState {
+                cache: ReplyCache::new(1 << 16),
+                sink: None,
+                detached_since: None,
+            }),
+        });
+        sessions.insert(id, session.clone());
+        Ok(session)
+    }
+
+    /// Drops sessions whose client has not come back within the linger time.
+    fn reap_sessions(&self) {
+        let mut sessions = self.sessions.lock().unwrap();
+        sessions.retain(|_, s| {
+            let expired = s.detached_for().is_some_and(|d| d > self.session_linger);
+            if expired {
+                log::info!("export '{}': session of client {} expired", s.export.name, s.client);
+                let mut writer = s.export.writer.lock().unwrap();
+                if *writer == Some(s.id) {
+                    *writer = None;
+                }
+            }
+            !expired
+        });
+    }
+
+    /// Reads and dispatches requests until the connection ends; returns why it ended.
+    async fn read_requests(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        conn: u64,
+        rx: &mut channel::Receiver<TcpStream>,
+    ) -> String {
+        let limits = Limits { max_transfer: self.max_transfer };
+        loop {
+            let stopped = async {
+                let stop = self.stop.listen();
+                if !self.shutting_down.load(Ordering::SeqCst) {
+                    stop.await;
+                }
+                Err(channel::ChannelError::Protocol("server shutting down".into()))
+            };
+            let (h, data) = match rx.recv(&limits).or(stopped).await {
+                Ok(Some(Frame::Request(h, data))) => (h, data),
+                Ok(Some(_)) => return "unexpected frame after negotiation".into(),
+                Ok(None) => return "closed by the client".into(),
+                Err(e) => return e.to_string(),
+            };
+            if let Some(status) = self.refuse(session, &h) {
+                session.reply(conn, Reply { header: ReplyHeader { txid: h.txid, status }, data: Vec::new(), _permit: None });
+                continue;
+            }
+            if h.op == Op::Ping {
+                session.reply(conn, Reply { header: ReplyHeader { txid: h.txid, status: 0 }, data: Vec::new(), _permit: None });
+                continue;
+            }
+            let admit = session.state.lock().unwrap().cache.admit(h.txid, h.floor, h.op == Op::Read);
+            match admit {
+                Admit::Execute => {}
+                Admit::Join | Admit::Stale => continue,
+                Admit::Answer(status) => {
+                    session.reply(conn, Reply { header: ReplyHeader { txid: h.txid, status }, data: Vec::new(), _permit: None });
+                    continue;
+                }
+            }
+            let cost = match h.op {
+                Op::Read | Op::Write => h.length as usize,
+                _ => 0,
+            };
+            let permit = session.window.acquire(cost).await;
+            let data = data.to_vec();
+            self.executing.fetch_add(1, Ordering::SeqCst);
+            let (shared, session) = (self.clone(), session.clone());
+            smol::spawn(async move {
+                let export = session.export.clone();
+                let (status, data) = smol::unblock(move || {
+                    export.execute(h.op, h.flags & FLAG_FUA != 0, h.offset, h.length, &data)
+                })
+                .await;
+                session.complete(h.txid, Reply { header: ReplyHeader { txid: h.txid, status }, data, _permit: Some(permit) });
+                if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    shared.idle.notify(usize::MAX);
+                }
+            })
+            .detach();
+        }
+    }
+
+    /// The status for a request that must not execute, if it must not.
+    fn refuse(&self, session: &Session, h: &RequestHeader) -> Option<u32> {
+        if h.op.modifies() && session.access != Access::ReadWrite {
+            return Some(libc::EROFS as u32);
+        }
+        if h.op.has_range() && !session.export.contains(h.offset, h.length) {
+            log::debug!("{:?} at {}+{} is outside export '{}'", h.op, h.offset, h.length, session.export.name);
+            return Some(libc::EINVAL as u32);
+        }
+        None
+    }
+}
+
+impl Session {
+    fn attach(&self, conn: u64, sink: smol::channel::Sender<Reply>) {
+        let mut st = self.state.lock().unwrap();
+        st.sink = Some((conn, sink));
+        st.detached_since = None;
+    }
+
+    fn detach(&self, conn: u64) {
+        let mut st = self.state.lock().unwrap();
+        if st.sink.as_ref().is_some_and(|(c, _)| *c == conn) {
+            st.sink = None;
+            st.detached_since = Some(Instant::now());
+        }
+    }
+
+    fn detached_for(&self) -> Option<Duration> {
+        self.state.lock().unwrap().detached_since.map(|t| t.elapsed())
+    }
+
+    /// Sends a reply on the connection `conn`, if it is still the session's.
+    fn reply(&self, conn: u64, reply: Reply) {
+        let st = self.state.lock().unwrap();
+        if let Some((c, sink)) = &st.sink {
+            if *c == conn {
+                let _ = sink.try_send(reply);
+            }
+        }
+    }
+
+    /// Records an executed transaction and sends its reply on the current connection.
+    /// Both happen under one lock, so a resend sees either the result or the execution.
+    fn complete(&self, txid: u64, reply: Reply) {
+        let mut st = self.state.lock().unwrap();
+        st.cache.complete(txid, reply.header.status);
+        if let Some((_, sink)) = &st.sink {
+            let _ = sink.try_send(reply);
+        }
+    }
+}
+
+/// Encodes replies in batches and sends them; ends when the session lets go of the sink.
+async fn write_replies(mut tx: Sender<TcpStream>, replies: smol::channel::Receiver<Reply>) {
+    let mut buf = Vec::new();
+    while let Ok(first) = replies.recv().await {
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(r) = next {
+            protocol::encode_reply(&mut buf, &r.header, &r.data);
+            next = if buf.len() < REPLY_BATCH { replies.try_recv().ok() } else { None };
+        }
+        if let Err(e) = tx.send(&buf).await {
+            log::debug!("sending replies failed: {e}");
+            break;
+        }
+    }
+    let _ = tx.close().await;
+}
+
+/// Bounds the bytes of requests a session has executing or waiting to be sent back, so
+/// a client cannot make the server hold more than its window, whatever it sends.
+#[derive(Clone)]
+struct Window(Arc<WindowInner>);
+
+struct WindowInner {
+    capacity: usize,
+    free: Mutex<usize>,
+    freed: event_listener::Event,
+}
+
+/// Bytes taken from a [`Window`], given back on drop.
+struct Permit {
+    window: Window,
+    bytes: usize,
+}
+
+impl Window {
+    fn new(capacity: usize) -> Self {
+        Window(Arc::new(WindowInner { capacity, free: Mutex::new(capacity), freed: event_listener::Event::new() }))
+    }
+
+    /// Waits until `bytes` (at most the capacity) are free and takes them.
+    async fn acquire(&self, bytes: usize) -> Permit {
+        let bytes = bytes.min(self.0.capacity);
+        loop {
+            let freed = self.0.freed.listen();
+            {
+                let mut free = self.0.free.lock().unwrap();
+                if *free >= bytes {
+                    *free -= bytes;
+                    return Permit { window: self.clone(), bytes };
+                }
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        *self.window.0.free.lock().unwrap() += self.bytes;
+        self.window.0.freed.notify(usize::MAX);
+    }
+}
+
+fn random_id() -> SessionId {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).expect("the OS random number generator works");
+    id
+}
