@@ -83,7 +83,9 @@ impl std::str::FromStr for Cipher {
         match s.to_ascii_lowercase().as_str() {
             "chachapoly" | "chacha20poly1305" => Ok(Cipher::ChaChaPoly),
             "aesgcm" | "aes-gcm" | "aes256gcm" => Ok(Cipher::AesGcm),
-            _ => Err(format!("unknown cipher '{s}'; known ciphers: chachapoly, aesgcm")),
+            _ => Err(format!(
+                "unknown cipher '{s}'; known ciphers: chachapoly, aesgcm"
+            )),
         }
     }
 }
@@ -133,7 +135,9 @@ impl fmt::Display for ChannelError {
         match self {
             ChannelError::Io(e) => write!(f, "{e}"),
             ChannelError::Refused(_, why) => write!(f, "server refused the connection: {why}"),
-            ChannelError::Decrypt => write!(f, "a record failed authentication (corrupted or forged)"),
+            ChannelError::Decrypt => {
+                write!(f, "a record failed authentication (corrupted or forged)")
+            }
             ChannelError::Protocol(why) => write!(f, "protocol error: {why}"),
         }
     }
@@ -175,7 +179,9 @@ fn u16_message(prefix: &[u8], msg: &[u8]) -> Vec<u8> {
 /// Tells the client why it is refused, in clear, before the connection closes.
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, code: Refusal, why: String) -> ChannelError {
     // Best effort: the client may already be gone.
-    let _ = writer.write_all(&u16_message(&[code as u8], why.as_bytes())).await;
+    let _ = writer
+        .write_all(&u16_message(&[code as u8], why.as_bytes()))
+        .await;
     let _ = writer.flush().await;
     ChannelError::Refused(code, why)
 }
@@ -211,7 +217,9 @@ where
     let mut code = [0u8; 1];
     reader.read_exact(&mut code).await.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            ChannelError::Protocol("the server closed the connection during the handshake; is it a dst-server?".into())
+            ChannelError::Protocol(
+                "the server closed the connection during the handshake; is it a dst-server?".into(),
+            )
         } else {
             e.into()
         }
@@ -257,7 +265,13 @@ where
         )
         .await);
     }
-    let names = || ciphers.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+    let names = || {
+        ciphers
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let cipher = match Cipher::from_id(pre[4]).filter(|c| ciphers.contains(c)) {
         Some(c) => c,
         None => {
@@ -289,9 +303,16 @@ where
         )
         .await);
     }
-    let client = match hs.get_remote_static().and_then(|k| <[u8; 32]>::try_from(k).ok()) {
+    let client = match hs
+        .get_remote_static()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+    {
         Some(k) => PublicKey(k),
-        None => return Err(ChannelError::Protocol("handshake without a client key".into())),
+        None => {
+            return Err(ChannelError::Protocol(
+                "handshake without a client key".into(),
+            ))
+        }
     };
     if let Err(why) = authorize(&client) {
         return Err(refuse(&mut writer, Refusal::ClientKey, why).await);
@@ -304,11 +325,27 @@ where
     Ok((tx, rx, client))
 }
 
-fn halves<R, W>(reader: R, writer: W, transport: StatelessTransportState) -> (Sender<W>, Receiver<R>) {
+fn halves<R, W>(
+    reader: R,
+    writer: W,
+    transport: StatelessTransportState,
+) -> (Sender<W>, Receiver<R>) {
     let transport = Arc::new(transport);
     (
-        Sender { writer, transport: transport.clone(), nonce: 0, out: Vec::new() },
-        Receiver { reader, transport, nonce: 0, plain: Vec::new(), pos: 0, record: vec![0; NOISE_MAX] },
+        Sender {
+            writer,
+            transport: transport.clone(),
+            nonce: 0,
+            out: Vec::new(),
+        },
+        Receiver {
+            reader,
+            transport,
+            nonce: 0,
+            plain: Vec::new(),
+            pos: 0,
+            record: vec![0; NOISE_MAX],
+        },
     )
 }
 
@@ -406,7 +443,10 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
         self.reader.read_exact(&mut self.record[..len]).await?;
         let at = self.plain.len();
         self.plain.resize(at + len - TAG_LEN, 0);
-        match self.transport.read_message(self.nonce, &self.record[..len], &mut self.plain[at..]) {
+        match self
+            .transport
+            .read_message(self.nonce, &self.record[..len], &mut self.plain[at..])
+        {
             Ok(n) => self.plain.truncate(at + n),
             Err(_) => return Err(ChannelError::Decrypt),
         }

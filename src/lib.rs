@@ -16,3 +16,4 @@ pub mod client;
 pub mod keys;
 pub mod protocol;
 pub mod server;
+pub mod units;

@@ -356,7 +356,10 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().unwrap())
 }
 
-fn decode_request<'a>(b: &'a [u8], limits: &Limits) -> Result<(RequestHeader, &'a [u8]), DecodeError> {
+fn decode_request<'a>(
+    b: &'a [u8],
+    limits: &Limits,
+) -> Result<(RequestHeader, &'a [u8]), DecodeError> {
     if b.len() < REQUEST_HEADER {
         return malformed("short request");
     }
@@ -389,7 +392,11 @@ fn decode_request<'a>(b: &'a [u8], limits: &Limits) -> Result<(RequestHeader, &'
             h.length, limits.max_transfer
         ));
     }
-    let want = if op == Op::Write { h.length as usize } else { 0 };
+    let want = if op == Op::Write {
+        h.length as usize
+    } else {
+        0
+    };
     if data.len() != want {
         return malformed(format!(
             "{op:?} request carries {} payload bytes, expected {want}",
@@ -514,17 +521,25 @@ fn decode_welcome(b: &[u8]) -> Result<Welcome, DecodeError> {
         export: f.string(tag::EXPORT, "export", MAX_EXPORT_NAME)?,
         access: f.access()?,
         session: f.required(tag::SESSION, "session")?,
-        resumed: f.fixed::<1>(tag::RESUMED, "resumed")?.is_some_and(|v| v[0] != 0),
+        resumed: f
+            .fixed::<1>(tag::RESUMED, "resumed")?
+            .is_some_and(|v| v[0] != 0),
         size: u64::from_be_bytes(f.required(tag::SIZE, "size")?),
         block_size: u32::from_be_bytes(f.required(tag::BLOCK_SIZE, "block_size")?),
         max_transfer: u32::from_be_bytes(f.required(tag::MAX_TRANSFER, "max_transfer")?),
         features: u64::from_be_bytes(f.fixed(tag::FEATURES, "features")?.unwrap_or_default()),
     };
     if !info.block_size.is_power_of_two() || !(512..=65536).contains(&info.block_size) {
-        return malformed(format!("block size {} is not a power of two in 512..=65536", info.block_size));
+        return malformed(format!(
+            "block size {} is not a power of two in 512..=65536",
+            info.block_size
+        ));
     }
     if info.max_transfer < info.block_size || info.max_transfer > MAX_TRANSFER_LIMIT {
-        return malformed(format!("maximum transfer {} out of range", info.max_transfer));
+        return malformed(format!(
+            "maximum transfer {} out of range",
+            info.max_transfer
+        ));
     }
     Ok(Welcome::Accepted(info))
 }
@@ -534,7 +549,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const LIMITS: Limits = Limits { max_transfer: 1 << 20 };
+    const LIMITS: Limits = Limits {
+        max_transfer: 1 << 20,
+    };
 
     fn op_strategy() -> impl Strategy<Value = Op> {
         prop_oneof![
@@ -656,15 +673,32 @@ mod tests {
     #[test]
     fn write_longer_than_max_transfer_is_refused() {
         let small = Limits { max_transfer: 4096 };
-        let h = RequestHeader { op: Op::Write, flags: 0, txid: 1, floor: 1, offset: 0, length: 8192 };
+        let h = RequestHeader {
+            op: Op::Write,
+            flags: 0,
+            txid: 1,
+            floor: 1,
+            offset: 0,
+            length: 8192,
+        };
         let mut buf = Vec::new();
         encode_request(&mut buf, &h, &[7; 8192]);
-        assert!(matches!(decode_frame(&buf, &small), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&buf, &small),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
     fn write_with_wrong_payload_length_is_refused() {
-        let h = RequestHeader { op: Op::Write, flags: 0, txid: 1, floor: 0, offset: 0, length: 10 };
+        let h = RequestHeader {
+            op: Op::Write,
+            flags: 0,
+            txid: 1,
+            floor: 0,
+            offset: 0,
+            length: 10,
+        };
         let mut buf = Vec::new();
         encode_request(&mut buf, &h, &[1; 9]);
         let err = decode_frame(&buf, &LIMITS).unwrap_err();
@@ -697,6 +731,9 @@ mod tests {
         put_field(&mut buf, tag::EXPORT, b"a");
         put_field(&mut buf, tag::EXPORT, b"b");
         end_frame(&mut buf, start);
-        assert!(matches!(decode_frame(&buf, &LIMITS), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_frame(&buf, &LIMITS),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -9,8 +9,8 @@ use smol::net::TcpStream;
 use crate::channel::{self, ChannelError, Cipher, Receiver, Sender};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::protocol::{
-    self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader, SessionId, Welcome,
-    FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
+    self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
+    SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
 
 /// Where to connect and what to open.
@@ -43,8 +43,14 @@ impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientError::Channel(e) => write!(f, "{e}"),
-            ClientError::Refused { message, .. } => write!(f, "server refused the export: {message}"),
-            ClientError::Status(errno) => write!(f, "server error: {}", io::Error::from_raw_os_error(*errno as i32)),
+            ClientError::Refused { message, .. } => {
+                write!(f, "server refused the export: {message}")
+            }
+            ClientError::Status(errno) => write!(
+                f,
+                "server error: {}",
+                io::Error::from_raw_os_error(*errno as i32)
+            ),
         }
     }
 }
@@ -85,13 +91,22 @@ pub struct Connection {
 
 impl Connection {
     /// Connects, authenticates both ends and opens the export; `session` resumes one.
-    pub async fn connect(cfg: &ClientConfig, session: Option<SessionId>) -> Result<Connection, ClientError> {
+    pub async fn connect(
+        cfg: &ClientConfig,
+        session: Option<SessionId>,
+    ) -> Result<Connection, ClientError> {
         let stream = TcpStream::connect(&cfg.server).await.map_err(|e| {
             io::Error::new(e.kind(), format!("cannot connect to {}: {e}", cfg.server))
         })?;
         stream.set_nodelay(true)?;
-        let (mut tx, mut rx) =
-            channel::connect(stream.clone(), stream, &cfg.key, &cfg.server_key, cfg.cipher).await?;
+        let (mut tx, mut rx) = channel::connect(
+            stream.clone(),
+            stream,
+            &cfg.key,
+            &cfg.server_key,
+            cfg.cipher,
+        )
+        .await?;
         let mut buf = Vec::new();
         protocol::encode_hello(
             &mut buf,
@@ -105,17 +120,38 @@ impl Connection {
             },
         );
         tx.send(&buf).await?;
-        let negotiation = Limits { max_transfer: MAX_NEGOTIATION as u32 };
+        let negotiation = Limits {
+            max_transfer: MAX_NEGOTIATION as u32,
+        };
         let info = match rx.recv(&negotiation).await? {
             Some(Frame::Welcome(Welcome::Accepted(info))) => info,
             Some(Frame::Welcome(Welcome::Refused { status, message })) => {
                 return Err(ClientError::Refused { status, message })
             }
-            Some(_) => return Err(ChannelError::Protocol("server sent something other than WELCOME".into()).into()),
-            None => return Err(ChannelError::Protocol("server closed the connection during negotiation".into()).into()),
+            Some(_) => {
+                return Err(ChannelError::Protocol(
+                    "server sent something other than WELCOME".into(),
+                )
+                .into())
+            }
+            None => {
+                return Err(ChannelError::Protocol(
+                    "server closed the connection during negotiation".into(),
+                )
+                .into())
+            }
         };
-        let limits = Limits { max_transfer: info.max_transfer };
-        Ok(Connection { tx, rx, info, limits, next_txid: 1, buf })
+        let limits = Limits {
+            max_transfer: info.max_transfer,
+        };
+        Ok(Connection {
+            tx,
+            rx,
+            info,
+            limits,
+            next_txid: 1,
+            buf,
+        })
     }
 
     /// What was negotiated.
@@ -142,19 +178,39 @@ impl Connection {
     pub async fn recv(&mut self) -> Result<(ReplyHeader, Vec<u8>), ClientError> {
         match self.rx.recv(&self.limits).await? {
             Some(Frame::Reply(h, data)) => Ok((h, data.to_vec())),
-            Some(_) => Err(ChannelError::Protocol("server sent a frame other than REPLY".into()).into()),
+            Some(_) => {
+                Err(ChannelError::Protocol("server sent a frame other than REPLY".into()).into())
+            }
             None => Err(ChannelError::Io(io::ErrorKind::UnexpectedEof.into()).into()),
         }
     }
 
     /// Runs one transaction to its reply; the data of a read is returned.
-    pub async fn call(&mut self, op: Op, fua: bool, offset: u64, length: u32, data: &[u8]) -> Result<Vec<u8>, ClientError> {
+    pub async fn call(
+        &mut self,
+        op: Op,
+        fua: bool,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
         let txid = self.next_txid();
-        let h = RequestHeader { op, flags: if fua { FLAG_FUA } else { 0 }, txid, floor: txid, offset, length };
+        let h = RequestHeader {
+            op,
+            flags: if fua { FLAG_FUA } else { 0 },
+            txid,
+            floor: txid,
+            offset,
+            length,
+        };
         self.send(&h, data).await?;
         let (reply, data) = self.recv().await?;
         if reply.txid != txid {
-            return Err(ChannelError::Protocol(format!("reply to {} while waiting for {txid}", reply.txid)).into());
+            return Err(ChannelError::Protocol(format!(
+                "reply to {} while waiting for {txid}",
+                reply.txid
+            ))
+            .into());
         }
         match reply.status {
             0 => Ok(data),
@@ -167,7 +223,9 @@ impl Connection {
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
-        self.call(Op::Write, fua, offset, data.len() as u32, data).await.map(drop)
+        self.call(Op::Write, fua, offset, data.len() as u32, data)
+            .await
+            .map(drop)
     }
 
     pub async fn flush(&mut self) -> Result<(), ClientError> {
@@ -175,11 +233,15 @@ impl Connection {
     }
 
     pub async fn trim(&mut self, offset: u64, length: u32) -> Result<(), ClientError> {
-        self.call(Op::Trim, false, offset, length, &[]).await.map(drop)
+        self.call(Op::Trim, false, offset, length, &[])
+            .await
+            .map(drop)
     }
 
     pub async fn write_zeroes(&mut self, offset: u64, length: u32) -> Result<(), ClientError> {
-        self.call(Op::WriteZeroes, false, offset, length, &[]).await.map(drop)
+        self.call(Op::WriteZeroes, false, offset, length, &[])
+            .await
+            .map(drop)
     }
 
     pub async fn ping(&mut self) -> Result<(), ClientError> {

@@ -29,7 +29,10 @@ impl std::str::FromStr for ExportSpec {
             None => (rest, false),
         };
         let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
-        if name.is_empty() || name.len() > crate::protocol::MAX_EXPORT_NAME || !name.chars().all(valid) {
+        if name.is_empty()
+            || name.len() > crate::protocol::MAX_EXPORT_NAME
+            || !name.chars().all(valid)
+        {
             return Err(format!(
                 "export name '{name}' must be 1 to {} characters of letters, digits, '-', '_' or '.'",
                 crate::protocol::MAX_EXPORT_NAME
@@ -38,7 +41,11 @@ impl std::str::FromStr for ExportSpec {
         if path.is_empty() {
             return Err(format!("export '{name}' has no path; use NAME=PATH"));
         }
-        Ok(ExportSpec { name: name.into(), path: path.into(), read_only })
+        Ok(ExportSpec {
+            name: name.into(),
+            path: path.into(),
+            read_only,
+        })
     }
 }
 
@@ -73,9 +80,17 @@ impl Export {
                     path.display()
                 )
             })?;
-            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(ctx)?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(ctx)?;
             f.set_len(size).map_err(ctx)?;
-            log::info!("created sparse image {} of {size} bytes for export '{}'", path.display(), spec.name);
+            log::info!(
+                "created sparse image {} of {size} bytes for export '{}'",
+                path.display(),
+                spec.name
+            );
         }
         let open = |flags: i32| {
             OpenOptions::new()
@@ -95,8 +110,16 @@ impl Export {
             ));
         }
         let size = file.seek(SeekFrom::End(0)).map_err(ctx)?;
-        let block_size = if ft.is_block_device() { logical_block_size(&file).map_err(ctx)? } else { 4096 };
-        let dsync = if spec.read_only { None } else { Some(open(libc::O_DSYNC).map_err(ctx)?) };
+        let block_size = if ft.is_block_device() {
+            logical_block_size(&file).map_err(ctx)?
+        } else {
+            4096
+        };
+        let dsync = if spec.read_only {
+            None
+        } else {
+            Some(open(libc::O_DSYNC).map_err(ctx)?)
+        };
         Ok(Export {
             name: spec.name.clone(),
             path: path.clone(),
@@ -111,7 +134,9 @@ impl Export {
 
     /// Whether `offset..offset+length` lies inside the export.
     pub fn contains(&self, offset: u64, length: u32) -> bool {
-        offset.checked_add(length as u64).is_some_and(|end| end <= self.size)
+        offset
+            .checked_add(length as u64)
+            .is_some_and(|end| end <= self.size)
     }
 
     /// Executes one request; blocking, so run it off the network tasks.
@@ -125,7 +150,11 @@ impl Export {
                 };
             }
             Op::Write => {
-                let f = if fua { self.dsync.as_ref().unwrap_or(&self.file) } else { &self.file };
+                let f = if fua {
+                    self.dsync.as_ref().unwrap_or(&self.file)
+                } else {
+                    &self.file
+                };
                 f.write_all_at(data, offset)
             }
             Op::Flush => self.sync(),
@@ -158,7 +187,11 @@ impl Export {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             // A discard is a hint: where holes cannot be punched, the data may stay.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
             Err(e) => Err(e),
@@ -169,9 +202,17 @@ impl Export {
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
-        let mut r = self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+        let mut r = self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
         if r.as_ref().is_err_and(unsupported) {
-            r = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+            r = self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            );
         }
         if r.as_ref().is_err_and(unsupported) {
             let zeroes = vec![0u8; len.min(1 << 20) as usize];

@@ -24,8 +24,8 @@ use smol::net::{TcpListener, TcpStream};
 use crate::channel::{self, Cipher, Sender};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::protocol::{
-    self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader, SessionId, Welcome,
-    FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
+    self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
+    SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
 use auth::{AuthorizedKeys, Grant};
 use export::{Export, ExportSpec};
@@ -61,7 +61,9 @@ impl Config {
 }
 
 /// Negotiation happens before any transfer size is agreed.
-const NEGOTIATION_LIMITS: Limits = Limits { max_transfer: MAX_NEGOTIATION as u32 };
+const NEGOTIATION_LIMITS: Limits = Limits {
+    max_transfer: MAX_NEGOTIATION as u32,
+};
 /// Replies batched into one channel send, at most.
 const REPLY_BATCH: usize = 256 << 10;
 
@@ -143,7 +145,9 @@ impl Server {
             authorized_keys_path: cfg.authorized_keys_path,
             exports,
             ciphers: cfg.ciphers,
-            max_transfer: cfg.max_transfer.clamp(64 << 10, protocol::MAX_TRANSFER_LIMIT),
+            max_transfer: cfg
+                .max_transfer
+                .clamp(64 << 10, protocol::MAX_TRANSFER_LIMIT),
             handshake_timeout: cfg.handshake_timeout,
             session_linger: cfg.session_linger,
             session_window: cfg.session_window.max(cfg.max_transfer as usize * 2),
@@ -224,7 +228,10 @@ impl Shared {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let timeout = async {
             smol::Timer::after(self.handshake_timeout).await;
-            Err(format!("did not finish the handshake within {:?}", self.handshake_timeout))
+            Err(format!(
+                "did not finish the handshake within {:?}",
+                self.handshake_timeout
+            ))
         };
         let opened = self.open(stream.clone(), stream).or(timeout).await;
         let (tx, mut rx, session) = match opened {
@@ -254,7 +261,14 @@ impl Shared {
         &self,
         reader: TcpStream,
         writer: TcpStream,
-    ) -> Result<(Sender<TcpStream>, channel::Receiver<TcpStream>, Arc<Session>), String> {
+    ) -> Result<
+        (
+            Sender<TcpStream>,
+            channel::Receiver<TcpStream>,
+            Arc<Session>,
+        ),
+        String,
+    > {
         let (mut tx, mut rx, client) = channel::accept(reader, writer, &self.key, &self.ciphers, |key| {
             match self.authorized_keys.read().unwrap().lookup(key) {
                 Some(_) => Ok(()),
@@ -285,7 +299,10 @@ impl Shared {
                 max_transfer: self.max_transfer.min(hello.max_transfer.max(64 << 10)),
                 features: features::ALL,
             }),
-            Err((status, message)) => Welcome::Refused { status: *status as u32, message: message.clone() },
+            Err((status, message)) => Welcome::Refused {
+                status: *status as u32,
+                message: message.clone(),
+            },
         };
         let mut buf = Vec::new();
         protocol::encode_welcome(&mut buf, &welcome);
@@ -315,10 +332,18 @@ impl Shared {
             names.sort();
             return Err((
                 libc::ENOENT,
-                format!("no export named '{}'; this server exports: {}", hello.export, names.join(", ")),
+                format!(
+                    "no export named '{}'; this server exports: {}",
+                    hello.export,
+                    names.join(", ")
+                ),
             ));
         };
-        let grant = self.authorized_keys.read().unwrap().grant(client, &hello.export);
+        let grant = self
+            .authorized_keys
+            .read()
+            .unwrap()
+            .grant(client, &hello.export);
         let may_write = match grant {
             Grant::Unknown => return Err((libc::EACCES, format!("client key {client} is no longer authorized"))),
             Grant::NotThisExport => {
@@ -340,13 +365,20 @@ impl Shared {
             } else {
                 "this client's key is read-only (ro) in authorized_keys"
             };
-            return Err((libc::EROFS, format!("export '{}' cannot be opened read-write: {why}; mount it read-only (--ro)", hello.export)));
+            return Err((
+                libc::EROFS,
+                format!(
+                    "export '{}' cannot be opened read-write: {why}; mount it read-only (--ro)",
+                    hello.export
+                ),
+            ));
         }
 
         let mut sessions = self.sessions.lock().unwrap();
         if let Some(id) = hello.session {
             if let Some(s) = sessions.get(&id) {
-                if s.client == *client && Arc::ptr_eq(&s.export, export) && s.access == hello.access {
+                if s.client == *client && Arc::ptr_eq(&s.export, export) && s.access == hello.access
+                {
                     return Ok(s.clone());
                 }
             }
@@ -359,7 +391,10 @@ impl Shared {
                     // The same client, restarted: its old session has no connection and
                     // can only be resumed by the id it lost, so let the new one take over.
                     Some(s) if s.client == *client && s.detached_for().is_some() => {
-                        log::info!("export '{}': session replaced by a new one of the same client", export.name);
+                        log::info!(
+                            "export '{}': session replaced by a new one of the same client",
+                            export.name
+                        );
                         sessions.remove(&other);
                     }
                     Some(s) => {
@@ -406,7 +441,11 @@ impl Shared {
         sessions.retain(|_, s| {
             let expired = s.detached_for().is_some_and(|d| d > self.session_linger);
             if expired {
-                log::info!("export '{}': session of client {} expired", s.export.name, s.client);
+                log::info!(
+                    "export '{}': session of client {} expired",
+                    s.export.name,
+                    s.client
+                );
                 let mut writer = s.export.writer.lock().unwrap();
                 if *writer == Some(s.id) {
                     *writer = None;
@@ -423,14 +462,18 @@ impl Shared {
         conn: u64,
         rx: &mut channel::Receiver<TcpStream>,
     ) -> String {
-        let limits = Limits { max_transfer: self.max_transfer };
+        let limits = Limits {
+            max_transfer: self.max_transfer,
+        };
         loop {
             let stopped = async {
                 let stop = self.stop.listen();
                 if !self.shutting_down.load(Ordering::SeqCst) {
                     stop.await;
                 }
-                Err(channel::ChannelError::Protocol("server shutting down".into()))
+                Err(channel::ChannelError::Protocol(
+                    "server shutting down".into(),
+                ))
             };
             let (h, data) = match rx.recv(&limits).or(stopped).await {
                 Ok(Some(Frame::Request(h, data))) => (h, data),
@@ -439,19 +482,55 @@ impl Shared {
                 Err(e) => return e.to_string(),
             };
             if let Some(status) = self.refuse(session, &h) {
-                session.reply(conn, Reply { header: ReplyHeader { txid: h.txid, status }, data: Vec::new(), _permit: None });
+                session.reply(
+                    conn,
+                    Reply {
+                        header: ReplyHeader {
+                            txid: h.txid,
+                            status,
+                        },
+                        data: Vec::new(),
+                        _permit: None,
+                    },
+                );
                 continue;
             }
             if h.op == Op::Ping {
-                session.reply(conn, Reply { header: ReplyHeader { txid: h.txid, status: 0 }, data: Vec::new(), _permit: None });
+                session.reply(
+                    conn,
+                    Reply {
+                        header: ReplyHeader {
+                            txid: h.txid,
+                            status: 0,
+                        },
+                        data: Vec::new(),
+                        _permit: None,
+                    },
+                );
                 continue;
             }
-            let admit = session.state.lock().unwrap().cache.admit(h.txid, h.floor, h.op == Op::Read);
+            let admit =
+                session
+                    .state
+                    .lock()
+                    .unwrap()
+                    .cache
+                    .admit(h.txid, h.floor, h.op == Op::Read);
             match admit {
                 Admit::Execute => {}
                 Admit::Join | Admit::Stale => continue,
                 Admit::Answer(status) => {
-                    session.reply(conn, Reply { header: ReplyHeader { txid: h.txid, status }, data: Vec::new(), _permit: None });
+                    session.reply(
+                        conn,
+                        Reply {
+                            header: ReplyHeader {
+                                txid: h.txid,
+                                status,
+                            },
+                            data: Vec::new(),
+                            _permit: None,
+                        },
+                    );
                     continue;
                 }
             }
@@ -469,7 +548,17 @@ impl Shared {
                     export.execute(h.op, h.flags & FLAG_FUA != 0, h.offset, h.length, &data)
                 })
                 .await;
-                session.complete(h.txid, Reply { header: ReplyHeader { txid: h.txid, status }, data, _permit: Some(permit) });
+                session.complete(
+                    h.txid,
+                    Reply {
+                        header: ReplyHeader {
+                            txid: h.txid,
+                            status,
+                        },
+                        data,
+                        _permit: Some(permit),
+                    },
+                );
                 if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
                     shared.idle.notify(usize::MAX);
                 }
@@ -484,7 +573,13 @@ impl Shared {
             return Some(libc::EROFS as u32);
         }
         if h.op.has_range() && !session.export.contains(h.offset, h.length) {
-            log::debug!("{:?} at {}+{} is outside export '{}'", h.op, h.offset, h.length, session.export.name);
+            log::debug!(
+                "{:?} at {}+{} is outside export '{}'",
+                h.op,
+                h.offset,
+                h.length,
+                session.export.name
+            );
             return Some(libc::EINVAL as u32);
         }
         None
@@ -507,7 +602,11 @@ impl Session {
     }
 
     fn detached_for(&self) -> Option<Duration> {
-        self.state.lock().unwrap().detached_since.map(|t| t.elapsed())
+        self.state
+            .lock()
+            .unwrap()
+            .detached_since
+            .map(|t| t.elapsed())
     }
 
     /// Sends a reply on the connection `conn`, if it is still the session's.
@@ -539,7 +638,11 @@ async fn write_replies(mut tx: Sender<TcpStream>, replies: smol::channel::Receiv
         let mut next = Some(first);
         while let Some(r) = next {
             protocol::encode_reply(&mut buf, &r.header, &r.data);
-            next = if buf.len() < REPLY_BATCH { replies.try_recv().ok() } else { None };
+            next = if buf.len() < REPLY_BATCH {
+                replies.try_recv().ok()
+            } else {
+                None
+            };
         }
         if let Err(e) = tx.send(&buf).await {
             log::debug!("sending replies failed: {e}");
@@ -568,7 +671,11 @@ struct Permit {
 
 impl Window {
     fn new(capacity: usize) -> Self {
-        Window(Arc::new(WindowInner { capacity, free: Mutex::new(capacity), freed: event_listener::Event::new() }))
+        Window(Arc::new(WindowInner {
+            capacity,
+            free: Mutex::new(capacity),
+            freed: event_listener::Event::new(),
+        }))
     }
 
     /// Waits until `bytes` (at most the capacity) are free and takes them.
@@ -580,7 +687,10 @@ impl Window {
                 let mut free = self.0.free.lock().unwrap();
                 if *free >= bytes {
                     *free -= bytes;
-                    return Permit { window: self.clone(), bytes };
+                    return Permit {
+                        window: self.clone(),
+                        bytes,
+                    };
                 }
             }
             freed.await;

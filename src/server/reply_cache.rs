@@ -39,7 +39,11 @@ impl ReplyCache {
     /// A cache that keeps at most `capacity` entries even if the client never raises
     /// its floor; `capacity` should be well above the client's window.
     pub fn new(capacity: usize) -> Self {
-        ReplyCache { entries: BTreeMap::new(), floor: 0, capacity }
+        ReplyCache {
+            entries: BTreeMap::new(),
+            floor: 0,
+            capacity,
+        }
     }
 
     /// Registers an arriving transaction. `repeatable` requests (reads) that already
@@ -73,7 +77,10 @@ impl ReplyCache {
 
     /// Number of transactions still executing.
     pub fn executing(&self) -> usize {
-        self.entries.values().filter(|e| **e == Entry::Executing).count()
+        self.entries
+            .values()
+            .filter(|e| **e == Entry::Executing)
+            .count()
     }
 
     pub fn len(&self) -> usize {
