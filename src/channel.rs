@@ -6,14 +6,16 @@
 //! ```text
 //! client -> server   "DST" version:u8 cipher:u8 0 0 0       cleartext preamble (8 bytes)
 //! client -> server   len:u16 noise-IK message 1             carries the client's static key
-//! server -> client   0:u8 len:u16 noise-IK message 2        accepted
-//!                  | code:u8 len:u16 reason (UTF-8)         refused, in clear, then closed
+//! server -> client   0:u8 len:u16 noise-IK message 2        accepted, or refused with an
+//!                                                           encrypted code and reason
+//!                  | code:u8 len:u16 reason (UTF-8)         refused in clear, then closed
 //! ```
 //!
 //! The preamble is the Noise prologue, so a tampered cipher choice fails the handshake.
 //! The client pins the server's key (pattern IK); the server checks the client's key
-//! against its allowlist before answering. A refusal is sent in clear so that the client
-//! can tell its user which side to fix instead of seeing a closed socket.
+//! against its allowlist before answering. A refusal comes with its reason so that the
+//! client can tell its user which side to fix instead of seeing a closed socket; it is in
+//! clear only where no session key exists yet (bad preamble, cipher, server key).
 //!
 //! Transport: records `len:u16 ciphertext` of at most 65535 bytes (the Noise limit). The
 //! plaintext of consecutive records is one byte stream of [`protocol`](crate::protocol)
@@ -233,11 +235,20 @@ where
         })?;
         return Err(ChannelError::Refused(refusal, why));
     }
-    hs.read_message(&answer, &mut msg).map_err(|_| {
+    let n = hs.read_message(&answer, &mut msg).map_err(|_| {
         ChannelError::Protocol(
             "the server's handshake answer did not authenticate: it does not hold the pinned server key".into(),
         )
     })?;
+    // A refusal that names the client travels encrypted, so that the client's identity,
+    // hidden by pattern IK, is not given away in clear.
+    if n > 0 {
+        let why = String::from_utf8_lossy(&msg[1..n]).into_owned();
+        return Err(match Refusal::from_u8(msg[0]) {
+            Some(r) => ChannelError::Refused(r, why),
+            None => ChannelError::Protocol(format!("unknown handshake refusal {}: {why}", msg[0])),
+        });
+    }
     let transport = hs.into_stateless_transport_mode().map_err(snow_err)?;
     Ok(halves(reader, writer, transport))
 }
@@ -296,10 +307,9 @@ where
         return Err(refuse(
             &mut writer,
             Refusal::ServerKey,
-            format!(
-                "the handshake could not be read: the client pinned a server key other than this server's ({}); fix the client's --server-key",
-                local.public()
-            ),
+            "the handshake could not be read: the client pinned a server key other than this server's; \
+             fix the client's --server-key (compare it with the server's KEY.pub)"
+                .into(),
         )
         .await);
     }
@@ -314,12 +324,18 @@ where
             ))
         }
     };
-    if let Err(why) = authorize(&client) {
-        return Err(refuse(&mut writer, Refusal::ClientKey, why).await);
-    }
-    let n = hs.write_message(&[], &mut payload).map_err(snow_err)?;
-    writer.write_all(&u16_message(&[0], &payload[..n])).await?;
+    let verdict = authorize(&client);
+    let refusal = match &verdict {
+        Ok(()) => Vec::new(),
+        Err(why) => [&[Refusal::ClientKey as u8], why.as_bytes()].concat(),
+    };
+    let mut answer = vec![0u8; NOISE_MAX];
+    let n = hs.write_message(&refusal, &mut answer).map_err(snow_err)?;
+    writer.write_all(&u16_message(&[0], &answer[..n])).await?;
     writer.flush().await?;
+    if let Err(why) = verdict {
+        return Err(ChannelError::Refused(Refusal::ClientKey, why));
+    }
     let transport = hs.into_stateless_transport_mode().map_err(snow_err)?;
     let (tx, rx) = halves(reader, writer, transport);
     Ok((tx, rx, client))

@@ -1,5 +1,11 @@
 //! The client side: connecting to an export node, negotiating an export, and exchanging
-//! requests and replies on one connection.
+//! requests and replies on one connection. The [`engine`] builds the transaction model on
+//! top: many requests in flight, resends, reconnects and pings.
+
+pub mod engine;
+mod pool;
+pub mod stats;
+pub mod table;
 
 use std::fmt;
 use std::io;
@@ -152,6 +158,11 @@ impl Connection {
             next_txid: 1,
             buf,
         })
+    }
+
+    /// The halves of the channel, what was negotiated, and the limits to decode with.
+    pub fn into_parts(self) -> (Sender<TcpStream>, Receiver<TcpStream>, ExportInfo, Limits) {
+        (self.tx, self.rx, self.info, self.limits)
     }
 
     /// What was negotiated.

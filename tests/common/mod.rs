@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,12 +61,18 @@ impl Setup {
 
     /// Starts `dst-server` with this setup's keys, listening on a free port, plus `args`.
     pub fn server(&self, args: &[&str]) -> ServerProcess {
+        self.server_at("127.0.0.1:0".parse().unwrap(), args)
+    }
+
+    /// Starts `dst-server` listening on `addr`, as a restarted server would.
+    pub fn server_at(&self, addr: SocketAddr, args: &[&str]) -> ServerProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dst-server"));
         cmd.arg("--key")
             .arg(self.path("server.key"))
             .arg("--authorized-keys")
             .arg(self.path("authorized_keys"))
-            .args(["--listen", "127.0.0.1:0"])
+            .arg("--listen")
+            .arg(addr.to_string())
             .args(args)
             .current_dir(self.dir.path());
         ServerProcess::spawn(cmd)

@@ -1,0 +1,599 @@
+//! The client transaction engine: every read, write, flush and trim is a transaction that
+//! lives until the export node acks it.
+//!
+//! Callers submit concurrently and wait for room in the window rather than grow memory.
+//! One driver task keeps a connection: a writer sends queued transactions in batches, a
+//! reader resolves them from replies, and a watchdog pings an idle connection and
+//! declares it dead when a ping goes unanswered. A lost connection is re-established
+//! with backoff, the session resumed, and every unacked transaction sent again; the
+//! server's reply cache makes those resends execute at most once. A timer resends what
+//! is not acked within the resend timeout and fails it with EIO after the resend count.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_listener::Event;
+use smol::future::FutureExt;
+use smol::net::TcpStream;
+
+use super::pool::Pool;
+use super::stats::Stats;
+use super::table::{Table, Tx, Window};
+use super::{ClientConfig, ClientError, Connection};
+use crate::channel::{Receiver, Sender};
+use crate::protocol::{self, ExportInfo, Frame, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
+
+/// Transaction id of pings; they live outside the table and never reach the reply cache.
+const PING_TXID: u64 = u64::MAX;
+/// Requests encoded into one channel send, at most (beyond the first).
+const SEND_BATCH: usize = 1 << 20;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Largest trim or write-zeroes range in one transaction.
+const RANGE_CHUNK: u64 = 1 << 30;
+
+/// How the engine connects and how patient it is.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub client: ClientConfig,
+    /// Time to wait for an ack before sending a transaction again.
+    pub resend_timeout: Duration,
+    /// Resends before a transaction fails with EIO.
+    pub resend_count: u32,
+    /// Idle time after which the connection is pinged; a ping unanswered for as long
+    /// again means the connection is dead.
+    pub ping_interval: Duration,
+    /// Transactions in flight at most.
+    pub window_requests: usize,
+    /// Bytes of reads and writes in flight at most.
+    pub window_bytes: usize,
+}
+
+impl EngineConfig {
+    pub const DEFAULT_RESEND_TIMEOUT: Duration = Duration::from_secs(5);
+    /// With the default timeout: a minute of outage before an error, twice the 30 s
+    /// that must never surface.
+    pub const DEFAULT_RESEND_COUNT: u32 = 12;
+    pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_WINDOW_REQUESTS: usize = 128;
+    pub const DEFAULT_WINDOW_BYTES: usize = 64 << 20;
+
+    pub fn new(client: ClientConfig) -> Self {
+        EngineConfig {
+            client,
+            resend_timeout: Self::DEFAULT_RESEND_TIMEOUT,
+            resend_count: Self::DEFAULT_RESEND_COUNT,
+            ping_interval: Self::DEFAULT_PING_INTERVAL,
+            window_requests: Self::DEFAULT_WINDOW_REQUESTS,
+            window_bytes: Self::DEFAULT_WINDOW_BYTES,
+        }
+    }
+}
+
+type Outcome = Result<Vec<u8>, i32>;
+type Waiter = smol::channel::Sender<Outcome>;
+
+/// A handle on the engine; clones share it.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    info: ExportInfo,
+    state: Mutex<State>,
+    /// Something was queued for sending.
+    queued: Event,
+    /// The window has room, or the table emptied.
+    room: Event,
+    closing: AtomicBool,
+    pool: Pool,
+    driver: Mutex<Option<smol::Task<()>>>,
+}
+
+struct State {
+    table: Table<Waiter>,
+    session: SessionId,
+    stats: Stats,
+    /// Set when the export can no longer be used (it changed under us): every request fails.
+    fatal: Option<i32>,
+}
+
+/// State of one connection, shared by its writer, reader and watchdog.
+struct Link {
+    last_heard: Mutex<Instant>,
+    ping_sent: Mutex<Option<Instant>>,
+    ping_due: AtomicBool,
+}
+
+impl Engine {
+    /// Connects for the first time; an unreachable or refusing server is an error here,
+    /// not retried. Then keeps the connection up until [`Engine::close`].
+    pub async fn start(cfg: EngineConfig) -> Result<Engine, ClientError> {
+        let conn = Connection::connect(&cfg.client, None).await?;
+        let info = conn.info().clone();
+        let window = Window {
+            requests: cfg.window_requests.max(1),
+            bytes: cfg.window_bytes,
+        };
+        let inner = Arc::new(Inner {
+            pool: Pool::new(cfg.window_bytes),
+            state: Mutex::new(State {
+                table: Table::new(window),
+                session: info.session,
+                stats: Stats::default(),
+                fatal: None,
+            }),
+            cfg,
+            info,
+            queued: Event::new(),
+            room: Event::new(),
+            closing: AtomicBool::new(false),
+            driver: Mutex::new(None),
+        });
+        let driver = smol::spawn(inner.clone().drive(conn));
+        *inner.driver.lock().unwrap() = Some(driver);
+        smol::spawn(inner.clone().expire_loop()).detach();
+        Ok(Engine { inner })
+    }
+
+    /// The export as negotiated on the first connection.
+    pub fn info(&self) -> &ExportInfo {
+        &self.inner.info
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, i32> {
+        let max = self.inner.info.max_transfer;
+        let mut pending = Vec::new();
+        for (off, n) in chunks(offset, len as u64, max as u64) {
+            pending.push(
+                self.inner
+                    .submit(Op::Read, 0, off, n as u32, Vec::new())
+                    .await?,
+            );
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        for rx in pending {
+            let data = wait(rx).await?;
+            if out.is_empty() {
+                out = data;
+            } else {
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let max = self.inner.info.max_transfer as usize;
+        let mut pending = Vec::new();
+        for (i, part) in data.chunks(max).enumerate() {
+            let buf = self.inner.pool.copy_of(part);
+            let off = offset + (i * max) as u64;
+            pending.push(
+                self.inner
+                    .submit(Op::Write, flags, off, part.len() as u32, buf)
+                    .await?,
+            );
+        }
+        wait_all(pending).await
+    }
+
+    /// Returns once every write acked before it is on stable storage on the export node.
+    pub async fn flush(&self) -> Result<(), i32> {
+        let rx = self.inner.submit(Op::Flush, 0, 0, 0, Vec::new()).await?;
+        wait(rx).await.map(drop)
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), i32> {
+        self.range_op(Op::Trim, 0, offset, len).await
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
+        self.range_op(Op::WriteZeroes, if fua { FLAG_FUA } else { 0 }, offset, len)
+            .await
+    }
+
+    async fn range_op(&self, op: Op, flags: u8, offset: u64, len: u64) -> Result<(), i32> {
+        let mut pending = Vec::new();
+        for (off, n) in chunks(offset, len, RANGE_CHUNK) {
+            pending.push(
+                self.inner
+                    .submit(op, flags, off, n as u32, Vec::new())
+                    .await?,
+            );
+        }
+        wait_all(pending).await
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let st = self.inner.state.lock().unwrap();
+        let mut stats = st.stats.clone();
+        stats.in_flight = st.table.len();
+        stats.in_flight_bytes = st.table.bytes();
+        stats
+    }
+
+    /// Waits until every transaction is acked or failed, then disconnects.
+    pub async fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        self.inner.room.notify(usize::MAX);
+        self.inner.queued.notify(usize::MAX);
+        let driver = self.inner.driver.lock().unwrap().take();
+        if let Some(driver) = driver {
+            driver.await;
+        }
+    }
+}
+
+/// Splits `len` bytes at `offset` into pieces of at most `max`.
+fn chunks(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
+    let count = len.div_ceil(max).max(1);
+    (0..count).map(move |i| (offset + i * max, (len - i * max).min(max)))
+}
+
+async fn wait(rx: smol::channel::Receiver<Outcome>) -> Outcome {
+    rx.recv().await.unwrap_or(Err(libc::EIO))
+}
+
+async fn wait_all(pending: Vec<smol::channel::Receiver<Outcome>>) -> Result<(), i32> {
+    let mut result = Ok(());
+    for rx in pending {
+        if let Err(e) = wait(rx).await {
+            result = result.and(Err(e));
+        }
+    }
+    result
+}
+
+impl Inner {
+    fn timeout(&self) -> Duration {
+        self.cfg.resend_timeout
+    }
+
+    /// Enters a transaction once the window has room; returns where its outcome arrives.
+    async fn submit(
+        &self,
+        op: Op,
+        flags: u8,
+        offset: u64,
+        length: u32,
+        data: Vec<u8>,
+    ) -> Result<smol::channel::Receiver<Outcome>, i32> {
+        let (waiter, outcome) = smol::channel::bounded(1);
+        let mut tx = Some(Tx::new(
+            op,
+            flags,
+            offset,
+            length,
+            data,
+            Instant::now(),
+            waiter,
+        ));
+        loop {
+            let room = self.room.listen();
+            {
+                let mut st = self.state.lock().unwrap();
+                if let Some(e) = st.fatal {
+                    return Err(e);
+                }
+                if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
+                    return Err(libc::ESHUTDOWN);
+                }
+                let cost = tx.as_ref().unwrap().cost();
+                if st.table.has_room(cost) {
+                    let mut tx = tx.take().unwrap();
+                    tx.submitted = Instant::now();
+                    st.table.insert(tx, self.timeout());
+                    st.stats.requests += 1;
+                    st.stats.max_in_flight_bytes =
+                        st.stats.max_in_flight_bytes.max(st.table.bytes());
+                    break;
+                }
+            }
+            room.await;
+        }
+        self.queued.notify(1);
+        Ok(outcome)
+    }
+
+    /// Resolves an acked transaction.
+    fn complete(&self, txid: u64, status: u32, data: &[u8]) {
+        let tx = {
+            let mut st = self.state.lock().unwrap();
+            let Some(tx) = st.table.complete(txid) else {
+                return;
+            };
+            st.stats.latency.record(tx.submitted.elapsed());
+            match (tx.op, status) {
+                (Op::Read, 0) => st.stats.bytes_read += data.len() as u64,
+                (Op::Write, 0) => st.stats.bytes_written += tx.length as u64,
+                (_, 0) => {}
+                _ => st.stats.failures += 1,
+            }
+            tx
+        };
+        self.room.notify(usize::MAX);
+        let outcome = if status == 0 {
+            Ok(data.to_vec())
+        } else {
+            Err(status as i32)
+        };
+        let _ = tx.waiter.try_send(outcome);
+        self.pool.put(tx.data);
+    }
+
+    fn fail(&self, failed: Vec<(u64, Tx<Waiter>)>, errno: i32) {
+        if failed.is_empty() {
+            return;
+        }
+        self.state.lock().unwrap().stats.failures += failed.len() as u64;
+        for (id, tx) in failed {
+            log::error!(
+                "transaction {id} ({:?} at {}+{}) failed after {} resends",
+                tx.op,
+                tx.offset,
+                tx.length,
+                tx.resends
+            );
+            let _ = tx.waiter.try_send(Err(errno));
+        }
+        self.room.notify(usize::MAX);
+    }
+
+    /// Resends what is overdue and fails what is out of resends, until closed and empty.
+    async fn expire_loop(self: Arc<Self>) {
+        let tick = (self.timeout() / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            smol::Timer::after(tick).await;
+            let expired = {
+                let mut st = self.state.lock().unwrap();
+                if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
+                    return;
+                }
+                let e = st
+                    .table
+                    .expire(Instant::now(), self.timeout(), self.cfg.resend_count);
+                st.stats.resends += e.resent as u64;
+                e
+            };
+            if expired.resent > 0 {
+                log::debug!("resending {} overdue transactions", expired.resent);
+                self.queued.notify(1);
+            }
+            self.fail(expired.failed, libc::EIO);
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.closing.load(Ordering::SeqCst) && self.state.lock().unwrap().table.is_empty()
+    }
+
+    /// Keeps a connection up and serves it, until closed with nothing left in flight.
+    async fn drive(self: Arc<Self>, first: Connection) {
+        let mut conn = Some(first);
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => match self.reconnect().await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            let why = self.serve(c).await;
+            self.state.lock().unwrap().stats.connected = false;
+            if self.finished() {
+                break;
+            }
+            log::warn!(
+                "connection to {} lost: {why}; reconnecting",
+                self.cfg.client.server
+            );
+        }
+        log::debug!("engine for {} stopped", self.cfg.client.server);
+    }
+
+    /// Connects again with backoff, resuming the session; `None` once there is nothing
+    /// left to do or the export changed.
+    async fn reconnect(&self) -> Option<Connection> {
+        let mut delay = BACKOFF_START;
+        let mut attempts = 0u32;
+        loop {
+            if self.finished() {
+                return None;
+            }
+            let session = self.state.lock().unwrap().session;
+            let attempt =
+                async { Some(Connection::connect(&self.cfg.client, Some(session)).await) };
+            let limit = async {
+                smol::Timer::after(self.timeout().max(Duration::from_secs(1))).await;
+                None
+            };
+            attempts += 1;
+            match attempt.or(limit).await {
+                Some(Ok(c)) => {
+                    let info = c.info();
+                    if info.size != self.info.size || info.export != self.info.export {
+                        log::error!(
+                            "export '{}' changed on the server (size {} -> {}): refusing to continue; remount it",
+                            self.info.export,
+                            self.info.size,
+                            info.size
+                        );
+                        let failed = {
+                            let mut st = self.state.lock().unwrap();
+                            st.fatal = Some(libc::EIO);
+                            st.table.drain()
+                        };
+                        self.fail(failed, libc::EIO);
+                        return None;
+                    }
+                    let how = if info.resumed {
+                        "session resumed"
+                    } else {
+                        "the server lost the session; new session"
+                    };
+                    log::warn!(
+                        "reconnected to {} after {attempts} attempts ({how})",
+                        self.cfg.client.server
+                    );
+                    let mut st = self.state.lock().unwrap();
+                    st.stats.reconnects += 1;
+                    st.session = info.session;
+                    return Some(c);
+                }
+                Some(Err(e)) => log::debug!(
+                    "reconnect attempt {attempts} to {} failed: {e}",
+                    self.cfg.client.server
+                ),
+                None => log::debug!(
+                    "reconnect attempt {attempts} to {} timed out",
+                    self.cfg.client.server
+                ),
+            }
+            let room = self.room.listen();
+            let sleep = async {
+                smol::Timer::after(delay).await;
+            };
+            // Closing with nothing in flight ends the wait early.
+            sleep.or(room).await;
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Serves one connection until it fails or the engine is done; returns why it ended.
+    async fn serve(&self, conn: Connection) -> String {
+        let (sender, mut receiver, _, limits) = conn.into_parts();
+        {
+            let mut st = self.state.lock().unwrap();
+            st.table.requeue_all();
+            st.stats.connected = true;
+        }
+        let link = Link {
+            last_heard: Mutex::new(Instant::now()),
+            ping_sent: Mutex::new(None),
+            ping_due: AtomicBool::new(false),
+        };
+        let done = async {
+            loop {
+                let room = self.room.listen();
+                if self.finished() {
+                    return "closed".to_string();
+                }
+                room.await;
+            }
+        };
+        self.write_requests(sender, &link)
+            .or(self.read_replies(&mut receiver, &limits, &link))
+            .or(self.watchdog(&link))
+            .or(done)
+            .await
+    }
+
+    /// Sends queued transactions, batching all that are queued into one channel send.
+    async fn write_requests(&self, mut sender: Sender<TcpStream>, link: &Link) -> String {
+        let mut buf = Vec::new();
+        loop {
+            let queued = self.queued.listen();
+            buf.clear();
+            if link.ping_due.swap(false, Ordering::SeqCst) {
+                let floor = self.state.lock().unwrap().table.floor();
+                let ping = RequestHeader {
+                    op: Op::Ping,
+                    flags: 0,
+                    txid: PING_TXID,
+                    floor,
+                    offset: 0,
+                    length: 0,
+                };
+                protocol::encode_request(&mut buf, &ping, &[]);
+            }
+            {
+                let mut st = self.state.lock().unwrap();
+                let now = Instant::now();
+                while buf.len() < SEND_BATCH {
+                    match st.table.next_to_send(now, self.timeout()) {
+                        Some((h, data)) => protocol::encode_request(&mut buf, &h, data),
+                        None => break,
+                    }
+                }
+                if st.table.has_queued() {
+                    // More than one batch: come straight back.
+                    self.queued.notify(1);
+                }
+            }
+            if buf.is_empty() {
+                queued.await;
+                continue;
+            }
+            if let Err(e) = sender.send(&buf).await {
+                return e.to_string();
+            }
+        }
+    }
+
+    async fn read_replies(
+        &self,
+        receiver: &mut Receiver<TcpStream>,
+        limits: &Limits,
+        link: &Link,
+    ) -> String {
+        loop {
+            match receiver.recv(limits).await {
+                Ok(Some(Frame::Reply(h, data))) => {
+                    *link.last_heard.lock().unwrap() = Instant::now();
+                    *link.ping_sent.lock().unwrap() = None;
+                    if h.txid != PING_TXID {
+                        self.complete(h.txid, h.status, data);
+                    }
+                }
+                Ok(Some(_)) => return "the server sent a frame other than a reply".into(),
+                Ok(None) => return "closed by the server".into(),
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    /// Pings when nothing was heard for a ping interval; a ping unanswered for another
+    /// interval ends the connection.
+    async fn watchdog(&self, link: &Link) -> String {
+        let interval = self.cfg.ping_interval;
+        let tick = (interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            smol::Timer::after(tick).await;
+            let now = Instant::now();
+            let mut ping_sent = link.ping_sent.lock().unwrap();
+            match *ping_sent {
+                Some(at) if now - at > interval => {
+                    return format!("no answer to a ping within {interval:?}");
+                }
+                Some(_) => {}
+                None if now - *link.last_heard.lock().unwrap() >= interval => {
+                    *ping_sent = Some(now);
+                    link.ping_due.store(true, Ordering::SeqCst);
+                    self.queued.notify(1);
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks;
+
+    #[test]
+    fn chunks_cover_the_range() {
+        assert_eq!(chunks(10, 0, 4).collect::<Vec<_>>(), vec![(10, 0)]);
+        assert_eq!(chunks(10, 4, 4).collect::<Vec<_>>(), vec![(10, 4)]);
+        assert_eq!(
+            chunks(10, 9, 4).collect::<Vec<_>>(),
+            vec![(10, 4), (14, 4), (18, 1)]
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! The client engine against a real dst-server on 127.0.0.1: concurrent verified
+//! workloads, a server killed and restarted, stalls, the window, exactly-once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{file_bytes, pattern, Setup};
+use dst::client::engine::{Engine, EngineConfig};
+use dst::client::ClientConfig;
+use dst::protocol::{Access, Op, RequestHeader};
+
+const BLOCK: usize = 64 << 10;
+
+fn engine_config(client: ClientConfig) -> EngineConfig {
+    EngineConfig {
+        resend_timeout: Duration::from_millis(500),
+        resend_count: 40,
+        ping_interval: Duration::from_millis(500),
+        ..EngineConfig::new(client)
+    }
+}
+
+/// `writers` concurrent tasks, each writing its own blocks `rounds` times with fresh
+/// data and reading every write back; returns the model: block -> seed of the last acked
+/// write. Any error fails the test.
+async fn workload(
+    engine: &Engine,
+    writers: usize,
+    blocks_each: usize,
+    rounds: usize,
+    salt: u64,
+) -> HashMap<usize, u64> {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let engine = engine.clone();
+            smol::spawn(async move {
+                let mut model = HashMap::new();
+                for r in 0..rounds {
+                    for b in 0..blocks_each {
+                        let block = w * blocks_each + b;
+                        let seed = salt ^ ((block as u64) << 20) ^ r as u64;
+                        let data = pattern(BLOCK, seed);
+                        let off = (block * BLOCK) as u64;
+                        engine
+                            .write(off, &data, false)
+                            .await
+                            .unwrap_or_else(|e| panic!("write {block}: errno {e}"));
+                        model.insert(block, seed);
+                        let back = engine
+                            .read(off, BLOCK as u32)
+                            .await
+                            .unwrap_or_else(|e| panic!("read {block}: errno {e}"));
+                        assert!(back == data, "block {block} read back wrong");
+                    }
+                    if r % 3 == 2 {
+                        engine
+                            .flush()
+                            .await
+                            .unwrap_or_else(|e| panic!("flush: errno {e}"));
+                    }
+                }
+                model
+            })
+        })
+        .collect();
+    let mut model = HashMap::new();
+    for t in tasks {
+        model.extend(t.await);
+    }
+    model
+}
+
+fn check_image(s: &Setup, image: &str, model: &HashMap<usize, u64>) {
+    for (block, seed) in model {
+        let got = file_bytes(&s.path(image), (block * BLOCK) as u64, BLOCK);
+        assert!(
+            got == pattern(BLOCK, *seed),
+            "image block {block} differs from the last acked write"
+        );
+    }
+}
+
+#[test]
+fn concurrent_workload_lands_on_the_image() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let engine = smol::block_on(Engine::start(engine_config(s.client(
+        &server,
+        "disk",
+        Access::ReadWrite,
+    ))))
+    .unwrap();
+    let model = smol::block_on(async {
+        let model = workload(&engine, 8, 8, 4, 1).await;
+        engine.flush().await.unwrap();
+        engine.close().await;
+        model
+    });
+    check_image(&s, "disk.img", &model);
+    let stats = engine.stats();
+    assert_eq!(stats.failures, 0);
+    assert_eq!(stats.in_flight, 0);
+    assert!(stats.requests >= 8 * 8 * 4 * 2, "{stats}");
+    assert_eq!(stats.bytes_written, (8 * 8 * 4 * BLOCK) as u64);
+}
+
+#[test]
+fn server_killed_and_restarted_mid_workload_loses_nothing() {
+    let s = Setup::new();
+    let args = ["--export", "disk=disk.img", "--create-size", "64M"];
+    let mut server = s.server(&args);
+    let addr = server.addr;
+    let engine = smol::block_on(Engine::start(engine_config(s.client(
+        &server,
+        "disk",
+        Access::ReadWrite,
+    ))))
+    .unwrap();
+    let run = smol::spawn({
+        let engine = engine.clone();
+        async move { workload(&engine, 4, 8, 30, 2).await }
+    });
+    // Let the workload get going, kill the server without warning, restart it.
+    std::thread::sleep(Duration::from_millis(500));
+    let before = engine.stats().bytes_written;
+    server.stop(libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let _server = s.server_at(addr, &args);
+    let model = smol::block_on(async {
+        let model = run.await;
+        engine.flush().await.unwrap();
+        engine.close().await;
+        model
+    });
+    check_image(&s, "disk.img", &model);
+    let stats = engine.stats();
+    assert!(before > 0, "the workload was running when the server died");
+    assert!(stats.reconnects >= 1, "{stats}");
+    assert_eq!(stats.failures, 0, "{stats}");
+}
+
+#[test]
+fn stalls_shorter_than_the_resend_budget_never_error_longer_ones_fail_with_eio() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let mut cfg = engine_config(s.client(&server, "disk", Access::ReadWrite));
+    cfg.resend_timeout = Duration::from_millis(200);
+    cfg.resend_count = 5; // about 1.2 s in all
+    cfg.ping_interval = Duration::from_secs(30);
+    let engine = smol::block_on(Engine::start(cfg)).unwrap();
+    let pause = |d: Duration| {
+        // SAFETY: signals to the PID of our own child.
+        unsafe { libc::kill(server.pid(), libc::SIGSTOP) };
+        let resume = server.pid();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            unsafe { libc::kill(resume, libc::SIGCONT) };
+        })
+    };
+
+    let t = pause(Duration::from_millis(500));
+    smol::block_on(engine.write(0, &pattern(4096, 1), false)).expect("a short stall is ridden out");
+    t.join().unwrap();
+    assert!(engine.stats().resends >= 1, "{}", engine.stats());
+
+    let t = pause(Duration::from_secs(4));
+    let start = Instant::now();
+    let r = smol::block_on(engine.write(4096, &pattern(4096, 2), false));
+    assert_eq!(r, Err(libc::EIO));
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "failed once the resends ran out"
+    );
+    t.join().unwrap();
+    // Service resumes after the stall.
+    smol::block_on(engine.write(8192, &pattern(4096, 3), false)).unwrap();
+    assert!(engine.stats().failures >= 1);
+    smol::block_on(engine.close());
+}
+
+#[test]
+fn in_flight_bytes_never_exceed_the_window() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let mut cfg = engine_config(s.client(&server, "disk", Access::ReadWrite));
+    cfg.window_requests = 8;
+    cfg.window_bytes = 1 << 20;
+    let engine = smol::block_on(Engine::start(cfg)).unwrap();
+    // Far more than the window at once: 256 writes of 256 KiB (64 MiB).
+    let tasks: Vec<_> = (0..256u64)
+        .map(|i| {
+            let engine = engine.clone();
+            smol::spawn(async move {
+                engine
+                    .write(i * (256 << 10), &pattern(256 << 10, i), false)
+                    .await
+            })
+        })
+        .collect();
+    smol::block_on(async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+        engine.close().await;
+    });
+    let stats = engine.stats();
+    assert!(stats.max_in_flight_bytes <= 1 << 20, "{stats}");
+    assert!(
+        stats.max_in_flight_bytes >= 512 << 10,
+        "the window was used: {stats}"
+    );
+    assert_eq!(stats.bytes_written, 64 << 20);
+}
+
+#[test]
+fn a_resent_write_never_overtakes_a_newer_one() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let mut c = common::connect(&s.client(&server, "disk", Access::ReadWrite));
+    let (old, new) = (pattern(1 << 20, 1), pattern(1 << 20, 2));
+    let (a, b) = (c.next_txid(), c.next_txid());
+    let write = |txid| RequestHeader {
+        op: Op::Write,
+        flags: 0,
+        txid,
+        floor: a,
+        offset: 0,
+        length: 1 << 20,
+    };
+    smol::block_on(async {
+        // The first copy and its resends arrive while it executes: they join it.
+        for _ in 0..20 {
+            c.send(&write(a), &old).await.unwrap();
+        }
+        while c.recv().await.unwrap().0.txid != a {}
+        c.send(&write(b), &new).await.unwrap();
+        loop {
+            let (h, _) = c.recv().await.unwrap();
+            if h.txid == b {
+                assert_eq!(h.status, 0);
+                break;
+            }
+        }
+        // Late copies of the first write, after the newer one completed.
+        for _ in 0..5 {
+            c.send(&write(a), &old).await.unwrap();
+        }
+        let read = RequestHeader {
+            op: Op::Read,
+            flags: 0,
+            txid: c.next_txid(),
+            floor: a,
+            offset: 0,
+            length: 1 << 20,
+        };
+        c.send(&read, &[]).await.unwrap();
+        loop {
+            let (h, data) = c.recv().await.unwrap();
+            if h.txid == read.txid {
+                assert!(data == new, "the block holds the newer write");
+                break;
+            }
+        }
+    });
+    assert!(file_bytes(&s.path("disk.img"), 0, 1 << 20) == new);
+}
