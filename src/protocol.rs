@@ -167,6 +167,9 @@ pub struct ExportInfo {
     pub session: SessionId,
     /// True when `session` is the one the client asked to resume.
     pub resumed: bool,
+    /// Identity of the export node's current boot (empty if unknown). Acked writes
+    /// survive a restart of the server process in the page cache, but not a reboot.
+    pub boot_id: String,
     pub size: u64,
     pub block_size: u32,
     pub max_transfer: u32,
@@ -192,6 +195,7 @@ mod tag {
     pub const SIZE: u16 = 7;
     pub const BLOCK_SIZE: u16 = 8;
     pub const RESUMED: u16 = 9;
+    pub const BOOT_ID: u16 = 10;
     pub const STATUS: u16 = 16;
     pub const MESSAGE: u16 = 17;
 }
@@ -241,6 +245,7 @@ pub fn encode_welcome(out: &mut Vec<u8>, w: &Welcome) {
             put_field(out, tag::ACCESS, &[i.access as u8]);
             put_field(out, tag::SESSION, &i.session);
             put_field(out, tag::RESUMED, &[i.resumed as u8]);
+            put_field(out, tag::BOOT_ID, i.boot_id.as_bytes());
             put_field(out, tag::SIZE, &i.size.to_be_bytes());
             put_field(out, tag::BLOCK_SIZE, &i.block_size.to_be_bytes());
             put_field(out, tag::MAX_TRANSFER, &i.max_transfer.to_be_bytes());
@@ -524,6 +529,7 @@ fn decode_welcome(b: &[u8]) -> Result<Welcome, DecodeError> {
         resumed: f
             .fixed::<1>(tag::RESUMED, "resumed")?
             .is_some_and(|v| v[0] != 0),
+        boot_id: f.string(tag::BOOT_ID, "boot_id", 64)?,
         size: u64::from_be_bytes(f.required(tag::SIZE, "size")?),
         block_size: u32::from_be_bytes(f.required(tag::BLOCK_SIZE, "block_size")?),
         max_transfer: u32::from_be_bytes(f.required(tag::MAX_TRANSFER, "max_transfer")?),
@@ -588,10 +594,10 @@ mod tests {
         fn welcome()(accepted in any::<bool>(), export in "[a-z0-9]{0,40}", session in any::<[u8; 16]>(),
                      resumed in any::<bool>(), size in any::<u64>(), bs_shift in 9u32..=16,
                      mt in 65536u32..=MAX_TRANSFER_LIMIT, features in any::<u64>(),
-                     status in 1u32..200, message in "\\PC{0,100}") -> Welcome {
+                     status in 1u32..200, message in "\\PC{0,100}", boot_id in "[0-9a-f-]{0,36}") -> Welcome {
             if accepted {
                 Welcome::Accepted(ExportInfo { version: PROTOCOL_VERSION, export, access: Access::ReadWrite,
-                    session, resumed, size, block_size: 1 << bs_shift, max_transfer: mt, features })
+                    session, resumed, boot_id, size, block_size: 1 << bs_shift, max_transfer: mt, features })
             } else {
                 Welcome::Refused { status, message }
             }

@@ -445,3 +445,36 @@ fn sigterm_finishes_and_syncs() {
         pattern(MIB as usize, 5)
     );
 }
+
+#[test]
+fn a_disconnected_writer_is_released_after_the_linger_time() {
+    let s = Setup::new();
+    let other_key = dst::keys::generate();
+    s.authorize(&format!(
+        "{}\n{}\n",
+        s.client_key.public(),
+        other_key.public()
+    ));
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--session-linger",
+        "1s",
+    ]);
+    let mine = s.client(&server, "disk", Access::ReadWrite);
+    drop(connect(&mine));
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The same client, restarted (it lost its session id), takes over at once.
+    drop(connect(&mine));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut other = mine.clone();
+    other.key = other_key;
+    let err = block_on(Connection::connect(&other, None)).err().unwrap();
+    assert!(err.to_string().contains("disconnected"), "{err}");
+    std::thread::sleep(Duration::from_millis(1200));
+    connect(&other);
+}

@@ -72,7 +72,13 @@ impl EngineConfig {
 }
 
 type Outcome = Result<Vec<u8>, i32>;
-type Waiter = smol::channel::Sender<Outcome>;
+
+/// Who waits for a transaction, and for a flush what it covers.
+struct Waiter {
+    outcome: smol::channel::Sender<Outcome>,
+    /// For a flush: the count of changes acked before it was submitted.
+    covers: u64,
+}
 
 /// A handle on the engine; clones share it.
 #[derive(Clone)]
@@ -99,6 +105,14 @@ struct State {
     stats: Stats,
     /// Set when the export can no longer be used (it changed under us): every request fails.
     fatal: Option<i32>,
+    /// Changes (writes, trims, zeroings) acked so far, and how many of them a flush covered.
+    acked_changes: u64,
+    flushed_changes: u64,
+    /// The export node's boot, as last seen.
+    boot_id: String,
+    /// The export node rebooted while acked changes were not flushed: the next flush
+    /// reports EIO, as a disk that lost its write cache would.
+    lost_unflushed: bool,
 }
 
 /// State of one connection, shared by its writer, reader and watchdog.
@@ -125,6 +139,10 @@ impl Engine {
                 session: info.session,
                 stats: Stats::default(),
                 fatal: None,
+                acked_changes: 0,
+                flushed_changes: 0,
+                boot_id: info.boot_id.clone(),
+                lost_unflushed: false,
             }),
             cfg,
             info,
@@ -230,6 +248,12 @@ impl Engine {
     }
 }
 
+/// Whether a reconnect found the export node rebooted with acked changes unflushed: its
+/// page cache, which held them, is gone. A restarted server process keeps the page cache.
+fn rebooted(last_boot: &str, info: &ExportInfo, unflushed: bool) -> bool {
+    unflushed && !info.resumed && !info.boot_id.is_empty() && info.boot_id != last_boot
+}
+
 /// Splits `len` bytes at `offset` into pieces of at most `max`.
 fn chunks(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
     let count = len.div_ceil(max).max(1);
@@ -264,7 +288,11 @@ impl Inner {
         length: u32,
         data: Vec<u8>,
     ) -> Result<smol::channel::Receiver<Outcome>, i32> {
-        let (waiter, outcome) = smol::channel::bounded(1);
+        let (sender, outcome) = smol::channel::bounded(1);
+        let waiter = Waiter {
+            outcome: sender,
+            covers: 0,
+        };
         let mut tx = Some(Tx::new(
             op,
             flags,
@@ -288,6 +316,7 @@ impl Inner {
                 if st.table.has_room(cost) {
                     let mut tx = tx.take().unwrap();
                     tx.submitted = Instant::now();
+                    tx.waiter.covers = st.acked_changes;
                     st.table.insert(tx, self.timeout());
                     st.stats.requests += 1;
                     st.stats.max_in_flight_bytes =
@@ -302,12 +331,27 @@ impl Inner {
     }
 
     /// Resolves an acked transaction.
-    fn complete(&self, txid: u64, status: u32, data: &[u8]) {
+    fn complete(&self, txid: u64, mut status: u32, data: &[u8]) {
         let tx = {
             let mut st = self.state.lock().unwrap();
             let Some(tx) = st.table.complete(txid) else {
                 return;
             };
+            if status == 0 && tx.op.modifies() {
+                st.acked_changes += 1;
+            }
+            if status == 0 && tx.op == Op::Flush {
+                if st.lost_unflushed {
+                    st.lost_unflushed = false;
+                    status = libc::EIO as u32;
+                    log::error!(
+                        "flush failed: the export node rebooted after acking writes that no flush \
+                         covered; they may be lost"
+                    );
+                } else {
+                    st.flushed_changes = st.flushed_changes.max(tx.waiter.covers);
+                }
+            }
             st.stats.latency.record(tx.submitted.elapsed());
             match (tx.op, status) {
                 (Op::Read, 0) => st.stats.bytes_read += data.len() as u64,
@@ -323,7 +367,7 @@ impl Inner {
         } else {
             Err(status as i32)
         };
-        let _ = tx.waiter.try_send(outcome);
+        let _ = tx.waiter.outcome.try_send(outcome);
         self.pool.put(tx.data);
     }
 
@@ -340,7 +384,7 @@ impl Inner {
                 tx.length,
                 tx.resends
             );
-            let _ = tx.waiter.try_send(Err(errno));
+            let _ = tx.waiter.outcome.try_send(Err(errno));
         }
         self.room.notify(usize::MAX);
     }
@@ -437,13 +481,22 @@ impl Inner {
                     } else {
                         "the server lost the session; new session"
                     };
-                    log::warn!(
+                    log::info!(
                         "reconnected to {} after {attempts} attempts ({how})",
                         self.cfg.client.server
                     );
                     let mut st = self.state.lock().unwrap();
                     st.stats.reconnects += 1;
                     st.session = info.session;
+                    let unflushed = st.acked_changes > st.flushed_changes;
+                    if rebooted(&st.boot_id, info, unflushed) {
+                        log::error!(
+                            "the export node rebooted: writes acked since the last flush may be \
+                             lost; the next flush reports EIO"
+                        );
+                        st.lost_unflushed = true;
+                    }
+                    st.boot_id = info.boot_id.clone();
                     return Some(c);
                 }
                 Some(Err(e)) => log::debug!(
@@ -585,7 +638,41 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
-    use super::chunks;
+    use super::{chunks, rebooted};
+    use crate::protocol::{Access, ExportInfo};
+
+    #[test]
+    fn only_a_reboot_with_unflushed_changes_counts_as_a_loss() {
+        let info = |boot: &str, resumed| ExportInfo {
+            version: 1,
+            export: "disk".into(),
+            access: Access::ReadWrite,
+            session: [0; 16],
+            resumed,
+            boot_id: boot.into(),
+            size: 1 << 20,
+            block_size: 4096,
+            max_transfer: 1 << 20,
+            features: 0,
+        };
+        assert!(rebooted("a", &info("b", false), true));
+        assert!(
+            !rebooted("a", &info("b", false), false),
+            "everything was flushed"
+        );
+        assert!(
+            !rebooted("a", &info("a", false), true),
+            "process restart: page cache kept"
+        );
+        assert!(
+            !rebooted("a", &info("b", true), true),
+            "session resumed: same server"
+        );
+        assert!(
+            !rebooted("a", &info("", false), true),
+            "server does not say"
+        );
+    }
 
     #[test]
     fn chunks_cover_the_range() {

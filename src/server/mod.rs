@@ -90,6 +90,7 @@ struct Shared {
     executing: AtomicUsize,
     idle: event_listener::Event,
     next_conn: AtomicU64,
+    boot_id: String,
 }
 
 /// State of one client session, shared by its successive connections.
@@ -157,6 +158,9 @@ impl Server {
             executing: AtomicUsize::new(0),
             idle: event_listener::Event::new(),
             next_conn: AtomicU64::new(1),
+            boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
         });
         Ok(Server { listener, shared })
     }
@@ -170,7 +174,6 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> io::Result<()> {
         let shared = self.shared.clone();
         let accept = async {
-            let mut last_reap = Instant::now();
             loop {
                 match self.listener.accept().await {
                     Ok((stream, peer)) => {
@@ -183,10 +186,6 @@ impl Server {
                         log::warn!("accept failed: {e}");
                         smol::Timer::after(Duration::from_millis(100)).await;
                     }
-                }
-                if last_reap.elapsed() > Duration::from_secs(1) {
-                    shared.reap_sessions();
-                    last_reap = Instant::now();
                 }
             }
         };
@@ -294,6 +293,7 @@ impl Shared {
                 access: s.access,
                 session: s.id,
                 resumed: hello.session == Some(s.id),
+                boot_id: self.boot_id.clone(),
                 size: s.export.size,
                 block_size: s.export.block_size,
                 max_transfer: self.max_transfer.min(hello.max_transfer.max(64 << 10)),
@@ -375,6 +375,7 @@ impl Shared {
         }
 
         let mut sessions = self.sessions.lock().unwrap();
+        Self::reap_sessions(&mut sessions, self.session_linger);
         if let Some(id) = hello.session {
             if let Some(s) = sessions.get(&id) {
                 if s.client == *client && Arc::ptr_eq(&s.export, export) && s.access == hello.access
@@ -435,11 +436,11 @@ impl Shared {
         Ok(session)
     }
 
-    /// Drops sessions whose client has not come back within the linger time.
-    fn reap_sessions(&self) {
-        let mut sessions = self.sessions.lock().unwrap();
+    /// Drops sessions whose client has not come back within the linger time. Sessions
+    /// are only made by negotiations, so reaping at each one bounds them.
+    fn reap_sessions(sessions: &mut HashMap<SessionId, Arc<Session>>, linger: Duration) {
         sessions.retain(|_, s| {
-            let expired = s.detached_for().is_some_and(|d| d > self.session_linger);
+            let expired = s.detached_for().is_some_and(|d| d > linger);
             if expired {
                 log::info!(
                     "export '{}': session of client {} expired",
