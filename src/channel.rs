@@ -50,6 +50,24 @@ pub enum Cipher {
 impl Cipher {
     pub const ALL: [Cipher; 2] = [Cipher::ChaChaPoly, Cipher::AesGcm];
 
+    /// The faster cipher on this machine: AES-GCM where the CPU has AES instructions
+    /// (about twice ChaChaPoly's throughput there, by `cargo bench --bench channel`),
+    /// ChaChaPoly elsewhere.
+    pub fn preferred() -> Cipher {
+        #[cfg(target_arch = "x86_64")]
+        let aes = std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq");
+        #[cfg(target_arch = "aarch64")]
+        let aes = std::arch::is_aarch64_feature_detected!("aes");
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let aes = false;
+        if aes {
+            Cipher::AesGcm
+        } else {
+            Cipher::ChaChaPoly
+        }
+    }
+
     fn id(self) -> u8 {
         match self {
             Cipher::ChaChaPoly => 1,
