@@ -9,7 +9,7 @@ use clap::Parser;
 use dst::channel::Cipher;
 use dst::server::auth::AuthorizedKeys;
 use dst::server::export::ExportSpec;
-use dst::server::{Config, Server};
+use dst::server::{Config, Reloader, Server};
 use dst::units::{parse_duration, parse_size};
 
 /// Export files or block devices to dst clients over an authenticated, encrypted channel.
@@ -101,24 +101,34 @@ fn run(args: Args) -> Result<(), String> {
         session_linger: args.session_linger,
         session_window: args.session_window as usize,
     };
-    let stop = stop_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     smol::block_on(async {
         let server = Server::bind(cfg).await?;
+        let stop = handle_signals(server.reloader())
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
         let addr = server.local_addr().map_err(|e| e.to_string())?;
         log::info!("listening on {addr}");
         server.run(stop).await.map_err(|e| e.to_string())
     })
 }
 
-/// A future that resolves on the first SIGINT or SIGTERM.
-fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+/// Reloads the authorized keys on SIGHUP; returns a future that resolves on the first
+/// SIGINT or SIGTERM.
+fn handle_signals(reloader: Reloader) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
     let (tx, rx) = smol::channel::bounded(1);
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        for sig in signals.forever() {
+            if sig == SIGHUP {
+                match reloader.reload() {
+                    Ok(n) => log::info!("SIGHUP: reloaded authorized keys ({n} keys)"),
+                    Err(e) => log::error!("SIGHUP: keeping the old authorized keys: {e}"),
+                }
+                continue;
+            }
             log::info!("signal {sig} received");
             let _ = tx.send_blocking(());
+            break;
         }
     });
     Ok(async move {

@@ -169,6 +169,11 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// A handle for reloading the allowlist while the server runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.shared.clone())
+    }
+
     /// Serves until `stop` resolves, then finishes executing requests, syncs every
     /// export and returns.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> io::Result<()> {
@@ -219,6 +224,20 @@ impl Server {
         smol::Timer::after(Duration::from_millis(100)).await;
         log::info!("all exports synced; bye");
         Ok(())
+    }
+}
+
+/// Reloads the authorized keys of a running server (on SIGHUP, say).
+pub struct Reloader(Arc<Shared>);
+
+impl Reloader {
+    /// Reads the authorized keys file again; new connections see the new list, and a key
+    /// that is gone can no longer open or resume a session. On error the old list stays.
+    pub fn reload(&self) -> Result<usize, String> {
+        let keys = AuthorizedKeys::load(&self.0.authorized_keys_path)?;
+        let n = keys.len();
+        *self.0.authorized_keys.write().unwrap() = keys;
+        Ok(n)
     }
 }
 
