@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::proxy::{Direction, Fault, Proxy};
 use common::{file_bytes, pattern, Setup};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::ClientConfig;
@@ -265,4 +266,91 @@ fn a_resent_write_never_overtakes_a_newer_one() {
         }
     });
     assert!(file_bytes(&s.path("disk.img"), 0, 1 << 20) == new);
+}
+
+/// Runs a verified workload through the proxy while `faults` are injected one after
+/// another, then checks the image against the model of acked writes.
+fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let proxy = Proxy::start(server.addr);
+    let mut client = s.client(&server, "disk", Access::ReadWrite);
+    client.server = proxy.addr().to_string();
+    let engine = smol::block_on(Engine::start(engine_config(client))).unwrap();
+    let run = smol::spawn({
+        let engine = engine.clone();
+        async move { workload(&engine, 4, 4, 25, 7).await }
+    });
+    for fault in faults {
+        std::thread::sleep(Duration::from_millis(300));
+        proxy.set_fault(fault.clone());
+        match fault {
+            Fault::Stall | Fault::Delay(_) => {
+                std::thread::sleep(Duration::from_millis(700));
+                proxy.set_fault(Fault::None);
+            }
+            _ => proxy.wait_for_fault_spent(),
+        }
+    }
+    let model = smol::block_on(async {
+        let model = run.await;
+        engine.flush().await.unwrap();
+        engine.close().await;
+        model
+    });
+    check_image(&s, "disk.img", &model);
+    let stats = engine.stats();
+    assert_eq!(stats.failures, 0, "{stats}");
+    stats
+}
+
+#[test]
+fn every_proxy_fault_in_turn_loses_no_acked_write() {
+    let stats = workload_under_faults(&[
+        Fault::CutMidRecord(Direction::ToServer),
+        Fault::CutMidRecord(Direction::ToClient),
+        Fault::Stall,
+        Fault::Delay(Duration::from_millis(50)),
+        Fault::DropToClient(3),
+        Fault::DuplicateToServer(2),
+    ]);
+    assert!(stats.reconnects >= 4, "{stats}");
+}
+
+#[test]
+fn flipped_bytes_are_caught_and_recovered_by_reconnect_and_resend() {
+    let stats = workload_under_faults(&[
+        Fault::FlipByte(Direction::ToServer),
+        Fault::FlipByte(Direction::ToClient),
+        Fault::FlipByte(Direction::ToServer),
+    ]);
+    assert!(stats.reconnects >= 3, "{stats}");
+}
+
+#[test]
+fn proxy_stall_longer_than_the_resend_budget_fails_with_eio() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let proxy = Proxy::start(server.addr);
+    let mut client = s.client(&server, "disk", Access::ReadWrite);
+    client.server = proxy.addr().to_string();
+    let mut cfg = engine_config(client);
+    cfg.resend_timeout = Duration::from_millis(200);
+    cfg.resend_count = 4;
+    cfg.ping_interval = Duration::from_millis(200);
+    let engine = smol::block_on(Engine::start(cfg)).unwrap();
+    proxy.set_fault(Fault::Stall);
+    let start = Instant::now();
+    assert_eq!(
+        smol::block_on(engine.write(0, &pattern(4096, 1), false)),
+        Err(libc::EIO)
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "failed only after its resends"
+    );
+    proxy.set_fault(Fault::None);
+    smol::block_on(engine.write(0, &pattern(4096, 2), false))
+        .expect("service resumes after the stall");
+    smol::block_on(engine.close());
 }
