@@ -59,6 +59,18 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "120s")]
     session_linger: Duration,
 
+    /// Connections open at once, in all
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+
+    /// Connections open at once with one client key
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_CONNECTIONS_PER_KEY)]
+    max_connections_per_key: usize,
+
+    /// Connections in the handshake at once from one address; more are closed at once
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_HANDSHAKES_PER_IP)]
+    max_handshakes_per_ip: usize,
+
     /// Bytes of requests one session may have in progress on the server
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
     session_window: u64,
@@ -100,6 +112,9 @@ fn run(args: Args) -> Result<(), String> {
         handshake_timeout: args.handshake_timeout,
         session_linger: args.session_linger,
         session_window: args.session_window as usize,
+        max_connections: args.max_connections,
+        max_connections_per_key: args.max_connections_per_key,
+        max_handshakes_per_ip: args.max_handshakes_per_ip,
     };
     smol::block_on(async {
         let server = Server::bind(cfg).await?;

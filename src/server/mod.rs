@@ -8,11 +8,12 @@
 
 pub mod auth;
 pub mod export;
+pub mod limits;
 pub mod reply_cache;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,6 +30,7 @@ use crate::protocol::{
 };
 use auth::{AuthorizedKeys, Grant};
 use export::{Export, ExportSpec};
+use limits::{Slot, Tally};
 use reply_cache::{Admit, ReplyCache};
 
 /// Everything a server is started with.
@@ -51,6 +53,12 @@ pub struct Config {
     pub session_linger: Duration,
     /// Bytes of requests one session may have executing or queued for reply.
     pub session_window: usize,
+    /// Connections open at once, in all.
+    pub max_connections: usize,
+    /// Connections open at once with one client key.
+    pub max_connections_per_key: usize,
+    /// Connections in the handshake at once from one address.
+    pub max_handshakes_per_ip: usize,
 }
 
 impl Config {
@@ -58,12 +66,17 @@ impl Config {
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_SESSION_LINGER: Duration = Duration::from_secs(120);
     pub const DEFAULT_SESSION_WINDOW: usize = 64 << 20;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+    pub const DEFAULT_MAX_CONNECTIONS_PER_KEY: usize = 16;
+    pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 16;
 }
 
 /// Negotiation happens before any transfer size is agreed.
 const NEGOTIATION_LIMITS: Limits = Limits {
     max_transfer: MAX_NEGOTIATION as u32,
 };
+/// Window space a request holds at least: what its reply costs to queue.
+const REPLY_COST: usize = 128;
 /// Replies batched into one channel send, at most.
 const REPLY_BATCH: usize = 256 << 10;
 
@@ -83,6 +96,9 @@ struct Shared {
     handshake_timeout: Duration,
     session_linger: Duration,
     session_window: usize,
+    connections: Tally<()>,
+    per_key: Tally<PublicKey>,
+    handshakes: Tally<IpAddr>,
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
     shutting_down: AtomicBool,
     stop: event_listener::Event,
@@ -92,6 +108,15 @@ struct Shared {
     next_conn: AtomicU64,
     boot_id: String,
 }
+
+/// A connection after negotiation: its channel halves, its session, its place among its
+/// key's connections.
+type Opened = (
+    Sender<TcpStream>,
+    channel::Receiver<TcpStream>,
+    Arc<Session>,
+    Slot<PublicKey>,
+);
 
 /// State of one client session, shared by its successive connections.
 struct Session {
@@ -152,6 +177,9 @@ impl Server {
             handshake_timeout: cfg.handshake_timeout,
             session_linger: cfg.session_linger,
             session_window: cfg.session_window.max(cfg.max_transfer as usize * 2),
+            connections: Tally::new(cfg.max_connections),
+            per_key: Tally::new(cfg.max_connections_per_key),
+            handshakes: Tally::new(cfg.max_handshakes_per_ip),
             sessions: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             stop: event_listener::Event::new(),
@@ -244,6 +272,21 @@ impl Reloader {
 impl Shared {
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        // Over a limit, close at once: answering would cost what the limit protects.
+        let Some(_open) = self.connections.try_take(&()) else {
+            log::warn!(
+                "{peer}: refused: {} connections open, the most allowed",
+                self.connections.max()
+            );
+            return;
+        };
+        let Some(handshake) = self.handshakes.try_take(&peer.ip()) else {
+            log::warn!(
+                "{peer}: refused: {} handshakes from this address in progress",
+                self.handshakes.max()
+            );
+            return;
+        };
         let timeout = async {
             smol::Timer::after(self.handshake_timeout).await;
             Err(format!(
@@ -252,7 +295,8 @@ impl Shared {
             ))
         };
         let opened = self.open(stream.clone(), stream).or(timeout).await;
-        let (tx, mut rx, session) = match opened {
+        drop(handshake);
+        let (tx, mut rx, session, _key_slot) = match opened {
             Ok(v) => v,
             Err(why) => {
                 log::info!("connection from {peer} closed: {why}");
@@ -274,19 +318,8 @@ impl Shared {
         writer.await;
     }
 
-    /// Handshake and negotiation.
-    async fn open(
-        &self,
-        reader: TcpStream,
-        writer: TcpStream,
-    ) -> Result<
-        (
-            Sender<TcpStream>,
-            channel::Receiver<TcpStream>,
-            Arc<Session>,
-        ),
-        String,
-    > {
+    /// Handshake and negotiation. Also returns the connection's place among its key's.
+    async fn open(&self, reader: TcpStream, writer: TcpStream) -> Result<Opened, String> {
         let (mut tx, mut rx, client) = channel::accept(reader, writer, &self.key, &self.ciphers, |key| {
             match self.authorized_keys.read().unwrap().lookup(key) {
                 Some(_) => Ok(()),
@@ -304,7 +337,18 @@ impl Shared {
             Ok(None) => return Err("closed before negotiation".into()),
             Err(e) => return Err(e.to_string()),
         };
-        let result = self.negotiate(&client, &hello);
+        let slot = self.per_key.try_take(&client);
+        let result = match slot {
+            Some(_) => self.negotiate(&client, &hello),
+            None => Err((
+                libc::EUSERS,
+                format!(
+                    "{} connections with this client key are open, the most allowed; close one, \
+                     or raise the server's --max-connections-per-key",
+                    self.per_key.max()
+                ),
+            )),
+        };
         let welcome = match &result {
             Ok(s) => Welcome::Accepted(ExportInfo {
                 version: PROTOCOL_VERSION,
@@ -327,7 +371,7 @@ impl Shared {
         protocol::encode_welcome(&mut buf, &welcome);
         tx.send(&buf).await.map_err(|e| e.to_string())?;
         match result {
-            Ok(s) => Ok((tx, rx, s)),
+            Ok(s) => Ok((tx, rx, s, slot.expect("negotiated only with a slot"))),
             Err((_, message)) => Err(format!("refused: {message}")),
         }
     }
@@ -501,32 +545,27 @@ impl Shared {
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return e.to_string(),
             };
+            // Every request holds window space until its reply is sent, so a peer that
+            // floods requests and never reads replies is throttled, not buffered.
+            let cost = match h.op {
+                Op::Read | Op::Write => h.length as usize,
+                _ => 0,
+            };
+            let permit = session.window.acquire(cost.max(REPLY_COST)).await;
+            let answer = |status, permit| Reply {
+                header: ReplyHeader {
+                    txid: h.txid,
+                    status,
+                },
+                data: Vec::new(),
+                _permit: Some(permit),
+            };
             if let Some(status) = self.refuse(session, &h) {
-                session.reply(
-                    conn,
-                    Reply {
-                        header: ReplyHeader {
-                            txid: h.txid,
-                            status,
-                        },
-                        data: Vec::new(),
-                        _permit: None,
-                    },
-                );
+                session.reply(conn, answer(status, permit));
                 continue;
             }
             if h.op == Op::Ping {
-                session.reply(
-                    conn,
-                    Reply {
-                        header: ReplyHeader {
-                            txid: h.txid,
-                            status: 0,
-                        },
-                        data: Vec::new(),
-                        _permit: None,
-                    },
-                );
+                session.reply(conn, answer(0, permit));
                 continue;
             }
             let admit =
@@ -540,25 +579,10 @@ impl Shared {
                 Admit::Execute => {}
                 Admit::Join | Admit::Stale => continue,
                 Admit::Answer(status) => {
-                    session.reply(
-                        conn,
-                        Reply {
-                            header: ReplyHeader {
-                                txid: h.txid,
-                                status,
-                            },
-                            data: Vec::new(),
-                            _permit: None,
-                        },
-                    );
+                    session.reply(conn, answer(status, permit));
                     continue;
                 }
             }
-            let cost = match h.op {
-                Op::Read | Op::Write => h.length as usize,
-                _ => 0,
-            };
-            let permit = session.window.acquire(cost).await;
             let data = data.to_vec();
             self.executing.fetch_add(1, Ordering::SeqCst);
             let (shared, session) = (self.clone(), session.clone());

@@ -1,0 +1,285 @@
+//! dst-server under hostile or broken peers: floods, oversized frames, limits, revoked
+//! keys, a full disk. Other clients keep being served throughout.
+
+mod common;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::proxy::Proxy;
+use common::{connect, pattern, Setup};
+use dst::channel::{self, Cipher, Refusal};
+use dst::client::engine::{Engine, EngineConfig};
+use dst::client::{ClientError, Connection};
+use dst::protocol::{Access, Op, RequestHeader};
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    smol::block_on(f)
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(sock >= 0);
+    let addr = |a: SocketAddr| {
+        let SocketAddr::V4(v4) = a else {
+            panic!("IPv4 only")
+        };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a descriptor we own, with properly sized addresses.
+    unsafe {
+        let local = addr(format!("{from}:0").parse().unwrap());
+        assert_eq!(
+            libc::bind(sock, &local as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        let remote = addr(to);
+        assert_eq!(
+            libc::connect(sock, &remote as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        std::os::fd::FromRawFd::from_raw_fd(sock)
+    }
+}
+
+fn closed_soon(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    matches!(s.read(&mut [0u8; 64]), Ok(0) | Err(_))
+}
+
+#[test]
+fn a_flood_of_unfinished_handshakes_does_not_lock_out_others() {
+    let s = Setup::new();
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--max-handshakes-per-ip",
+        "8",
+        "--handshake-timeout",
+        "30s",
+    ]);
+    let mut flood: Vec<TcpStream> = (0..40)
+        .map(|_| connect_from("127.0.0.2", server.addr))
+        .collect();
+    // Beyond the per-address limit, connections are closed at once.
+    let start = Instant::now();
+    assert!(closed_soon(flood.last_mut().unwrap()));
+    assert!(start.elapsed() < Duration::from_secs(3));
+    server.wait_for_log("handshakes from this address in progress");
+    // Another address is served at once.
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(c.ping()).unwrap();
+}
+
+#[test]
+fn connections_per_key_are_limited() {
+    let s = Setup::new();
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--max-connections-per-key",
+        "2",
+    ]);
+    let cfg = s.client(&server, "disk", Access::ReadOnly);
+    let _a = connect(&cfg);
+    let _b = connect(&cfg);
+    let err = block_on(Connection::connect(&cfg, None)).err().unwrap();
+    assert_eq!(err.errno(), libc::EUSERS, "{err}");
+    assert!(
+        err.to_string().contains("--max-connections-per-key"),
+        "{err}"
+    );
+    drop(_a);
+    std::thread::sleep(Duration::from_millis(200));
+    connect(&cfg);
+}
+
+#[test]
+fn oversized_frame_headers_close_the_connection_without_allocating() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let stream = block_on(smol::net::TcpStream::connect(server.addr)).unwrap();
+    let (mut tx, mut rx) = block_on(channel::connect(
+        stream.clone(),
+        stream,
+        &s.client_key,
+        &s.server_key.public(),
+        Cipher::ChaChaPoly,
+    ))
+    .unwrap();
+    // A frame that declares 2 GiB: refused from its header.
+    block_on(tx.send(&[0x7f, 0xff, 0xff, 0xff, 1])).unwrap();
+    let limits = dst::protocol::Limits {
+        max_transfer: 1 << 20,
+    };
+    assert!(
+        !matches!(block_on(rx.recv(&limits)), Ok(Some(_))),
+        "connection closed"
+    );
+    server.wait_for_log("over the limit");
+    block_on(connect(&s.client(&server, "disk", Access::ReadOnly)).ping()).unwrap();
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_ping_flood_that_never_reads_replies_is_throttled_not_buffered() {
+    let s = Setup::new();
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--session-window",
+        "1M",
+    ]);
+    let proxy = Proxy::start(server.addr);
+    let mut cfg = s.client(&server, "disk", Access::ReadOnly);
+    cfg.server = proxy.addr().to_string();
+    let mut flooder = connect(&cfg);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = sent.clone();
+    let flood = std::thread::spawn(move || {
+        block_on(async {
+            for i in 0..2_000_000u64 {
+                let h = RequestHeader {
+                    op: Op::Ping,
+                    flags: 0,
+                    txid: i + 1,
+                    floor: 1,
+                    offset: 0,
+                    length: 0,
+                };
+                if flooder.send(&h, &[]).await.is_err() {
+                    return;
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
+    // Others are still served while the flood is held back.
+    let mut good = connect(&s.client(&server, "disk", Access::ReadOnly));
+    block_on(good.ping()).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        after == before,
+        "the server stopped reading the flood ({before} then {after} pings sent)"
+    );
+    let rss = rss_kib(server.pid());
+    assert!(
+        rss < 128 * 1024,
+        "server resident memory {rss} KiB under the flood"
+    );
+    proxy.cut_all();
+    flood.join().unwrap();
+}
+
+#[test]
+fn a_key_removed_on_sighup_cannot_connect_again() {
+    let s = Setup::new();
+    let other = dst::keys::generate();
+    s.authorize(&format!("{}\n{}\n", s.client_key.public(), other.public()));
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let cfg = s.client(&server, "disk", Access::ReadOnly);
+    let mut existing = connect(&cfg);
+
+    s.authorize(&format!("{}\n", other.public()));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    server.wait_for_log("reloaded authorized keys (1 keys)");
+    match block_on(Connection::connect(&cfg, None)) {
+        Err(ClientError::Channel(channel::ChannelError::Refused(r, _))) => {
+            assert_eq!(r, Refusal::ClientKey)
+        }
+        other => panic!("expected a refusal, got {:?}", other.err()),
+    }
+    // The connection made before keeps working; the other key is still admitted.
+    block_on(existing.ping()).unwrap();
+    let mut cfg2 = cfg.clone();
+    cfg2.key = other;
+    block_on(connect(&cfg2).ping()).unwrap();
+}
+
+/// A tmpfs of a few MiB, unmounted on drop.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_on_the_export_node_reaches_the_client_as_enospc() {
+    let Some(fs) = SmallFs::mount("2M") else {
+        return;
+    };
+    let s = Setup::new();
+    let image = fs.0.path().join("disk.img");
+    let export = format!("disk={}", image.display());
+    let server = s.server(&["--export", &export, "--create-size", "64M"]);
+    let engine = block_on(Engine::start(EngineConfig::new(s.client(
+        &server,
+        "disk",
+        Access::ReadWrite,
+    ))))
+    .unwrap();
+    let mut result = Ok(());
+    for i in 0..8u64 {
+        result = block_on(engine.write(i << 20, &pattern(1 << 20, i), false));
+        if result.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        result,
+        Err(libc::ENOSPC),
+        "the server's errno, not a hang or EIO"
+    );
+    // What fit is still readable.
+    assert_eq!(
+        block_on(engine.read(0, 4096)).unwrap(),
+        pattern(1 << 20, 0)[..4096]
+    );
+    block_on(engine.close());
+    drop(server);
+}
