@@ -376,9 +376,12 @@ fn halves<R, W>(
             reader,
             transport,
             nonce: 0,
+            input: vec![0; INPUT_BUFFER],
+            in_pos: 0,
+            in_end: 0,
             plain: Vec::new(),
             pos: 0,
-            record: vec![0; NOISE_MAX],
+            end: 0,
         },
     )
 }
@@ -423,68 +426,112 @@ pub struct Receiver<R> {
     reader: R,
     transport: Arc<StatelessTransportState>,
     nonce: u64,
-    /// Decrypted bytes; frames are decoded from `pos` on.
+    /// Ciphertext as read, whole records and a partial one; records start at `in_pos`.
+    /// One read takes in as many records as the socket has, so a large frame costs a few
+    /// reads, not two per record.
+    input: Vec<u8>,
+    in_pos: usize,
+    in_end: usize,
+    /// Decrypted bytes; frames are decoded from `pos` to `end`.
     plain: Vec<u8>,
     pos: usize,
-    record: Vec<u8>,
+    end: usize,
 }
+
+/// Bytes of ciphertext read at once, at most.
+const INPUT_BUFFER: usize = 256 << 10;
 
 impl<R: AsyncRead + Unpin> Receiver<R> {
     /// Returns the next frame, reading and decrypting records as needed. A frame longer
     /// than `limits` allows is refused from its header, before it is buffered.
     /// `Ok(None)` means the peer closed the stream cleanly between frames.
     pub async fn recv(&mut self, limits: &Limits) -> Result<Option<Frame<'_>>, ChannelError> {
-        if self.pos == self.plain.len() {
-            self.plain.clear();
-            self.pos = 0;
-        } else if self.pos > RECORD_PLAINTEXT {
-            self.plain.drain(..self.pos);
-            self.pos = 0;
+        if self.pos == self.end {
+            (self.pos, self.end) = (0, 0);
         }
         loop {
-            match protocol::frame_len(&self.plain[self.pos..], limits) {
-                Ok(n) if self.plain.len() - self.pos >= n => break,
-                Ok(_) | Err(DecodeError::Incomplete) => {
-                    let at_boundary = self.pos == self.plain.len();
-                    if !self.read_record().await? {
-                        return if at_boundary {
-                            Ok(None)
-                        } else {
-                            Err(ChannelError::Protocol("stream ended inside a frame".into()))
-                        };
-                    }
-                }
+            let need = match protocol::frame_len(&self.plain[self.pos..self.end], limits) {
+                Ok(n) if self.end - self.pos >= n => break,
+                Ok(n) => n,
+                Err(DecodeError::Incomplete) => protocol::FRAME_HEADER,
                 Err(e) => return Err(e.into()),
+            };
+            self.make_room(need);
+            let at_boundary = self.pos == self.end;
+            if !self.read_record().await? {
+                return if at_boundary {
+                    Ok(None)
+                } else {
+                    Err(ChannelError::Protocol("stream ended inside a frame".into()))
+                };
             }
         }
-        let (frame, used) = protocol::decode_frame(&self.plain[self.pos..], limits)?;
+        let (frame, used) = protocol::decode_frame(&self.plain[self.pos..self.end], limits)?;
         self.pos += used;
         Ok(Some(frame))
     }
 
+    /// Makes `plain` able to hold a frame of `need` bytes from `pos` plus one more record.
+    fn make_room(&mut self, need: usize) {
+        let want = need.max(self.end - self.pos) + RECORD_PLAINTEXT;
+        if self.pos + want > self.plain.len() && self.pos > 0 {
+            self.plain.copy_within(self.pos..self.end, 0);
+            (self.pos, self.end) = (0, self.end - self.pos);
+        }
+        if want > self.plain.len() {
+            self.plain.resize(want, 0);
+        }
+    }
+
     /// Reads and decrypts one record onto `plain`; false at a clean end of stream.
     async fn read_record(&mut self) -> Result<bool, ChannelError> {
-        let mut len = [0u8; 2];
-        match self.reader.read_exact(&mut len).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-        let len = u16::from_be_bytes(len) as usize;
-        if len <= TAG_LEN {
-            return Err(ChannelError::Protocol(format!("record of {len} bytes")));
-        }
-        self.reader.read_exact(&mut self.record[..len]).await?;
-        let at = self.plain.len();
-        self.plain.resize(at + len - TAG_LEN, 0);
+        let Some((at, len)) = self.next_record().await? else {
+            return Ok(false);
+        };
+        let record = &self.input[at..at + len];
         match self
             .transport
-            .read_message(self.nonce, &self.record[..len], &mut self.plain[at..])
+            .read_message(self.nonce, record, &mut self.plain[self.end..])
         {
-            Ok(n) => self.plain.truncate(at + n),
+            Ok(n) => self.end += n,
             Err(_) => return Err(ChannelError::Decrypt),
         }
         self.nonce += 1;
         Ok(true)
+    }
+
+    /// Where the next whole record lies in `input`, reading as needed; `None` at a clean
+    /// end of stream.
+    async fn next_record(&mut self) -> Result<Option<(usize, usize)>, ChannelError> {
+        loop {
+            let avail = self.in_end - self.in_pos;
+            if avail >= 2 {
+                let len = u16::from_be_bytes([self.input[self.in_pos], self.input[self.in_pos + 1]])
+                    as usize;
+                if len <= TAG_LEN {
+                    return Err(ChannelError::Protocol(format!("record of {len} bytes")));
+                }
+                if avail >= 2 + len {
+                    let at = self.in_pos + 2;
+                    self.in_pos += 2 + len;
+                    return Ok(Some((at, len)));
+                }
+            }
+            if self.input.len() - self.in_end < 2 + NOISE_MAX {
+                self.input.copy_within(self.in_pos..self.in_end, 0);
+                (self.in_pos, self.in_end) = (0, avail);
+            }
+            let n = self.reader.read(&mut self.input[self.in_end..]).await?;
+            if n == 0 {
+                return if avail == 0 {
+                    Ok(None)
+                } else {
+                    Err(ChannelError::Protocol(
+                        "stream ended inside a record".into(),
+                    ))
+                };
+            }
+            self.in_end += n;
+        }
     }
 }
