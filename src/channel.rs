@@ -535,3 +535,101 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Op, RequestHeader};
+    use smol::net::unix::UnixStream;
+
+    type Pair = (Sender<UnixStream>, Receiver<UnixStream>);
+
+    fn pair(cipher: Cipher) -> (Pair, Pair) {
+        let (server_key, client_key) = (crate::keys::generate(), crate::keys::generate());
+        let server_pub = server_key.public();
+        let (a, b) = UnixStream::pair().unwrap();
+        smol::block_on(async {
+            let client = connect(a.clone(), a, &client_key, &server_pub, cipher);
+            let server = accept(b.clone(), b, &server_key, &Cipher::ALL, |_| Ok(()));
+            let (c, s) = smol::future::zip(client, server).await;
+            let (s_tx, s_rx, _) = s.unwrap();
+            (c.unwrap(), (s_tx, s_rx))
+        })
+    }
+
+    fn write(txid: u64, len: usize) -> (RequestHeader, Vec<u8>) {
+        let h = RequestHeader {
+            op: Op::Write,
+            flags: 0,
+            txid,
+            floor: 1,
+            offset: 0,
+            length: len as u32,
+        };
+        (h, (0..len).map(|i| (i as u64 * 31 + txid) as u8).collect())
+    }
+
+    #[test]
+    fn frames_of_every_size_cross_records_and_reads_intact() {
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        let sizes: Vec<usize> = (0..120)
+            .map(|i| (i * 7919 + i * i * 131) % 300_000)
+            .collect();
+        let limits = Limits {
+            max_transfer: 300_000,
+        };
+        let expect = sizes.clone();
+        let sender = std::thread::spawn(move || {
+            smol::block_on(async {
+                // Batches of one to four frames per send, so records hold pieces of several.
+                let mut buf = Vec::new();
+                for (i, len) in sizes.iter().enumerate() {
+                    let (h, data) = write(i as u64 + 1, *len);
+                    crate::protocol::encode_request(&mut buf, &h, &data);
+                    if i % 4 == 3 {
+                        tx.send(&buf).await.unwrap();
+                        buf.clear();
+                    }
+                }
+                tx.send(&buf).await.unwrap();
+                tx.close().await.unwrap();
+            })
+        });
+        smol::block_on(async {
+            for (i, len) in expect.iter().enumerate() {
+                let (h, data) = write(i as u64 + 1, *len);
+                match rx.recv(&limits).await.unwrap() {
+                    Some(Frame::Request(got, d)) => {
+                        assert_eq!(got, h);
+                        assert!(d == data.as_slice(), "frame {i} payload");
+                    }
+                    other => panic!("frame {i}: {other:?}"),
+                }
+            }
+            assert!(rx.recv(&limits).await.unwrap().is_none(), "clean end");
+        });
+        sender.join().unwrap();
+    }
+
+    #[test]
+    fn a_flipped_ciphertext_byte_fails_authentication() {
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::AesGcm);
+        // Reroute both ends through sockets we hold, to alter the bytes in between.
+        let (mut wire_out, client_end) = UnixStream::pair().unwrap();
+        let (mut wire_in, server_end) = UnixStream::pair().unwrap();
+        tx.writer = client_end;
+        rx.reader = server_end;
+        let (h, data) = write(1, 1000);
+        let mut buf = Vec::new();
+        crate::protocol::encode_request(&mut buf, &h, &data);
+        let limits = Limits { max_transfer: 4096 };
+        smol::block_on(async {
+            tx.send(&buf).await.unwrap();
+            let mut wire = vec![0u8; buf.len() + 2 + TAG_LEN];
+            wire_out.read_exact(&mut wire).await.unwrap();
+            wire[100] ^= 1;
+            wire_in.write_all(&wire).await.unwrap();
+            assert!(matches!(rx.recv(&limits).await, Err(ChannelError::Decrypt)));
+        });
+    }
+}
