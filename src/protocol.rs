@@ -29,6 +29,8 @@ pub const REPLY_HEADER: usize = 8 + 4;
 pub const MAX_NEGOTIATION: usize = 4096;
 /// Largest transfer a server ever agrees to, whatever it is configured with.
 pub const MAX_TRANSFER_LIMIT: u32 = 32 << 20;
+/// Longest refusal message.
+const MAX_MESSAGE: usize = 4000;
 /// Longest export name.
 pub const MAX_EXPORT_NAME: usize = 255;
 
@@ -254,7 +256,7 @@ pub fn encode_welcome(out: &mut Vec<u8>, w: &Welcome) {
         Welcome::Refused { status, message } => {
             put_field(out, tag::STATUS, &status.to_be_bytes());
             // Messages are ours and short; cut rather than fail if one is not.
-            let mut end = message.len().min(MAX_NEGOTIATION / 2);
+            let mut end = message.len().min(MAX_MESSAGE);
             while !message.is_char_boundary(end) {
                 end -= 1;
             }
@@ -518,7 +520,7 @@ fn decode_welcome(b: &[u8]) -> Result<Welcome, DecodeError> {
     if status != 0 {
         return Ok(Welcome::Refused {
             status,
-            message: f.string(tag::MESSAGE, "message", MAX_NEGOTIATION)?,
+            message: f.string(tag::MESSAGE, "message", MAX_MESSAGE)?,
         });
     }
     let info = ExportInfo {
