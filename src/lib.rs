@@ -4,16 +4,21 @@
 //! layers, data flowing down and acks flowing up:
 //!
 //! ```text
-//! client  ->  channel (Noise, framing)  ->  TCP  ->  channel  ->  server  ->  export I/O
+//! fuse  ->  client  ->  channel (Noise, framing)  ->  TCP  ->  channel  ->  server  ->  export I/O
 //! ```
 //!
 //! [`protocol`] holds the frames and their strict decoding, [`channel`] the handshake and
 //! encrypted framing, [`server`] the export node, [`client`] the client side, and
-//! [`keys`] the key files both sides use.
+//! [`keys`] the key files both sides use. On the client, [`fuse`] shows an export as one
+//! file, [`mount`] runs a mount from start to unmount, and [`mount_options`] parses what
+//! mount(8), fstab and `dst-mount` are given.
 
 pub mod channel;
 pub mod client;
+pub mod fuse;
 pub mod keys;
+pub mod mount;
+pub mod mount_options;
 pub mod protocol;
 pub mod server;
 pub mod units;

@@ -1,0 +1,164 @@
+//! `dst-mount`: mounts an export as one file in a FUSE mount. Parses arguments, merges them
+//! with `-o` options and the fstab line, and wires the engine to the filesystem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use dst::channel::Cipher;
+use dst::mount_options::{parse_max_transfer, resolve, Invocation, Options, Server};
+use dst::units::{parse_duration, parse_size};
+
+/// Mount a dst export as one large file in a FUSE mount.
+///
+/// SOURCE is HOST[:PORT]/EXPORT (port 7700 by default); instead give --server and --export,
+/// or give only MOUNTPOINT to take source and options from its /etc/fstab line. Without
+/// --foreground, dst-mount returns once the mount is ready and keeps serving in the background.
+/// Unmount with umount MOUNTPOINT (or SIGTERM): in-flight writes finish first.
+#[derive(Parser)]
+#[command(
+    version,
+    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)"
+)]
+struct Args {
+    /// [SOURCE] MOUNTPOINT
+    #[arg(value_name = "SOURCE|MOUNTPOINT", num_args = 1..=2, required = true)]
+    positional: Vec<String>,
+
+    /// The export node, HOST[:PORT]
+    #[arg(long, value_name = "HOST[:PORT]")]
+    server: Option<Server>,
+
+    /// The export's name
+    #[arg(long, value_name = "NAME")]
+    export: Option<String>,
+
+    /// The client's private key (made by dst-keygen)
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+
+    /// The export node's public key to pin: a .pub file or the key itself (base64)
+    #[arg(long, value_name = "FILE|BASE64")]
+    server_key: Option<String>,
+
+    /// Open the export read-only
+    #[arg(long)]
+    ro: bool,
+
+    /// Channel cipher: chachapoly (default) or aesgcm
+    #[arg(long, value_name = "CIPHER")]
+    cipher: Option<Cipher>,
+
+    /// Time without an ack before a transaction is resent [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    resend_timeout: Option<Duration>,
+
+    /// Resends before a transaction fails with EIO [default: 12]
+    #[arg(long, value_name = "N")]
+    resend_count: Option<u32>,
+
+    /// Idle time after which the connection is pinged [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    ping_interval: Option<Duration>,
+
+    /// Transactions in flight at most [default: 128]
+    #[arg(long, value_name = "N")]
+    window_requests: Option<usize>,
+
+    /// Bytes of transactions in flight at most [default: 64M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    window_bytes: Option<u64>,
+
+    /// Largest single transfer to ask the server for [default: 1M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_transfer)]
+    max_transfer: Option<u32>,
+
+    /// Stay in the foreground and log to stderr
+    #[arg(long)]
+    foreground: bool,
+
+    /// Once mounted, append the log to FILE (in the background the log is otherwise dropped)
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+
+    /// Mount options, comma-separated (as in fstab); may be repeated
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+
+    /// Warn about unknown mount options instead of refusing them (mount -s)
+    #[arg(long, hide = true)]
+    sloppy: bool,
+}
+
+impl Args {
+    fn invocation(self) -> Result<Invocation, String> {
+        let window_bytes = match self.window_bytes {
+            Some(0) => return Err("--window-bytes must be more than 0".into()),
+            Some(n) => Some(usize::try_from(n).map_err(|_| "--window-bytes is too large")?),
+            None => None,
+        };
+        if self.window_requests == Some(0) {
+            return Err("--window-requests must be at least 1".into());
+        }
+        Ok(Invocation {
+            positional: self.positional,
+            server: self.server,
+            export: self.export,
+            option_strings: self.options,
+            flags: Options {
+                key: self.key,
+                server_key: self.server_key,
+                cipher: self.cipher,
+                read_only: self.ro.then_some(true),
+                resend_timeout: self.resend_timeout,
+                resend_count: self.resend_count,
+                ping_interval: self.ping_interval,
+                window_requests: self.window_requests,
+                window_bytes,
+                max_transfer: self.max_transfer,
+                foreground: self.foreground.then_some(true),
+                log_file: self.log_file,
+            },
+            sloppy: self.sloppy,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    // fuser warns about harmless things, such as unmounting what umount(8) already unmounted.
+    let default_filter = "info,fuser=error";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dst-mount: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let req = resolve(args.invocation()?, || {
+        let path = dst::mount::fstab_path();
+        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    })?;
+    for warning in &req.warnings {
+        log::warn!("{warning}");
+    }
+    let (key, server_key) = dst::mount::load_keys(&req)?;
+    let cfg = dst::mount::engine_config(&req, key, server_key);
+    // smol's global executor runs one thread unless told otherwise; the engine's encryption
+    // and the FUSE replies share it, so give it a few. Set before any thread exists.
+    if std::env::var_os("SMOL_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        std::env::set_var("SMOL_THREADS", n.to_string());
+    }
+    if req.options.foreground == Some(true) {
+        dst::mount::run_foreground(&req, cfg)
+    } else {
+        dst::mount::run_background(&req, cfg)
+    }
+}

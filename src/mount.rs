@@ -1,0 +1,392 @@
+//! The life of a dst mount: connecting the engine, mounting the FUSE filesystem, serving it,
+//! and ending on `umount` or a signal once every in-flight transaction is acked or failed.
+//! Also the background start: dst-mount forks before any thread exists, the child mounts
+//! and reports over a pipe, and the parent exits only with that report, so a mount command
+//! returns when the mount is usable, or fails with the child's reason.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::channel::Cipher;
+use crate::client::engine::{Engine, EngineConfig};
+use crate::client::ClientConfig;
+use crate::fuse::{self, DstFs, FsConfig, Tasks};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::mount_options::MountRequest;
+use crate::protocol::Access;
+
+/// The transfer size asked for when none is given; the server may agree to less.
+pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
+
+/// The engine settings of a request: its options where given, the engine's defaults elsewhere.
+pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey) -> EngineConfig {
+    let o = &req.options;
+    let mut cfg = EngineConfig::new(ClientConfig {
+        server: req.source.server.address(),
+        export: req.source.export.clone(),
+        key,
+        server_key,
+        cipher: o.cipher.unwrap_or(Cipher::ChaChaPoly),
+        access: if o.read_only == Some(true) {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        },
+        max_transfer: o.max_transfer.unwrap_or(DEFAULT_MAX_TRANSFER),
+    });
+    if let Some(v) = o.resend_timeout {
+        cfg.resend_timeout = v;
+    }
+    if let Some(v) = o.resend_count {
+        cfg.resend_count = v;
+    }
+    if let Some(v) = o.ping_interval {
+        cfg.ping_interval = v;
+    }
+    if let Some(v) = o.window_requests {
+        cfg.window_requests = v;
+    }
+    if let Some(v) = o.window_bytes {
+        cfg.window_bytes = v;
+    }
+    cfg
+}
+
+/// Loads the keys a request names; the messages say which option to fix.
+pub fn load_keys(req: &MountRequest) -> Result<(PrivateKey, PublicKey), String> {
+    let key = req
+        .options
+        .key
+        .as_ref()
+        .ok_or("no client key: pass --key FILE or -o key=FILE")?;
+    let server_key = req
+        .options
+        .server_key
+        .as_ref()
+        .ok_or("no server key to pin: pass --server-key FILE|BASE64 or -o server_key=...")?;
+    let key = crate::keys::load_private(key).map_err(|e| e.to_string())?;
+    let server_key =
+        crate::keys::load_public(server_key).map_err(|e| format!("server key: {e}"))?;
+    Ok((key, server_key))
+}
+
+/// Mounts and serves in this process until unmounted or signalled.
+pub fn run_foreground(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
+    serve(req, cfg, None)
+}
+
+/// Forks; the child mounts and serves, the parent returns once the mount is ready (Ok) or
+/// with the child's error. Must be called while the process has one thread: fork copies
+/// only the calling thread, so locks held by others would stay locked in the child.
+pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
+    let (read_end, write_end) = pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    // SAFETY: the process is single-threaded here (see above), so the child may continue
+    // running arbitrary code.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("cannot fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            // Still in the caller's process group until the mount is ready, so that Ctrl-C
+            // on a mount command that hangs connecting stops this process too.
+            let mut report = File::from(write_end);
+            match serve(req, cfg, Some(&mut report)) {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    // Every error comes before readiness; the parent prints it.
+                    let _ = report.write_all(&[REPORT_ERROR]);
+                    let _ = report.write_all(e.as_bytes());
+                    std::process::exit(1)
+                }
+            }
+        }
+        child => {
+            drop(write_end);
+            let mut pipe = File::from(read_end);
+            let mut first = [0];
+            // The child keeps its end open while it serves, so only an error is read to EOF.
+            match pipe.read(&mut first) {
+                Ok(1) if first[0] == REPORT_READY => Ok(()),
+                Ok(1) => {
+                    let mut message = Vec::new();
+                    let _ = pipe.read_to_end(&mut message);
+                    reap(child);
+                    Err(String::from_utf8_lossy(&message).into_owned())
+                }
+                _ => Err(format!(
+                    "the background process ended before the mount was ready ({})",
+                    reap(child)
+                )),
+            }
+        }
+    }
+}
+
+const REPORT_READY: u8 = 0;
+const REPORT_ERROR: u8 = 1;
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array with two new descriptors, owned from here on.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    unsafe { Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+}
+
+/// Waits for a child that failed; describes how it ended.
+fn reap(pid: libc::pid_t) -> String {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return "exit status unknown".into();
+    }
+    if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    }
+}
+
+/// Connects, mounts, tells `ready` (when started in the background) and serves until the
+/// filesystem is unmounted or SIGTERM/SIGINT arrives; then lets every in-flight request finish
+/// and closes the engine, which waits for every transaction to be acked or failed.
+fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mountpoint = req
+        .mountpoint
+        .canonicalize()
+        .map_err(|e| format!("mount point {}: {e}", req.mountpoint.display()))?;
+    if !mountpoint.is_dir() {
+        return Err(format!(
+            "mount point {} is not a directory",
+            mountpoint.display()
+        ));
+    }
+    // Opened before mounting, so that a bad log file fails the mount instead of leaving it
+    // without a server.
+    let output = Output::open(req.options.log_file.as_deref())?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let (sig_tx, sig_rx) = smol::channel::bounded(1);
+    let signal_handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = sig_tx.send_blocking(sig);
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let source = req.source.to_string();
+    // Connecting can take long (an unreachable host); a signal meanwhile gives up.
+    let engine = smol::block_on(smol::future::or(
+        async { Engine::start(cfg).await.map_err(|e| e.to_string()) },
+        async {
+            let sig = sig_rx.recv().await.unwrap_or(SIGTERM);
+            Err(format!("signal {sig} before the connection was made"))
+        },
+    ))
+    .map_err(|e| format!("cannot mount {source}: {e}"))?;
+    let info = engine.info().clone();
+    if let Err(e) = fuse::check_file_name(&info.export) {
+        smol::block_on(engine.close());
+        return Err(format!("cannot mount {source}: {e}"));
+    }
+    let read_only = info.access == Access::ReadOnly;
+    // SAFETY: plain system calls without arguments.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = DstFs::new(
+        engine.clone(),
+        FsConfig {
+            name: info.export.clone(),
+            size: info.size,
+            block_size: info.block_size,
+            read_only,
+            uid,
+            gid,
+        },
+    );
+    let tasks = fs.tasks();
+    let session = match fuser::Session::new(
+        fs,
+        &mountpoint,
+        &fuse::mount_config(&source, read_only, uid == 0),
+    ) {
+        Ok(session) => session,
+        Err(e) => {
+            smol::block_on(engine.close());
+            return Err(format!("cannot mount at {}: {e}", mountpoint.display()));
+        }
+    };
+
+    let (done_tx, done_rx) = smol::channel::bounded(1);
+    std::thread::Builder::new()
+        .name("fuse".into())
+        .spawn(move || {
+            let result = session.run();
+            let _ = done_tx.send_blocking(result);
+        })
+        .map_err(|e| format!("cannot start the FUSE thread: {e}"))?;
+
+    if ready.is_some() {
+        // Nothing stays attached to the caller's terminal or pipes.
+        output.detach_all();
+    } else {
+        output.redirect_stderr();
+    }
+    // After the redirection: a background mount says nothing on the terminal when it works,
+    // and its log file starts with this line.
+    log::info!(
+        "mounted {source} ({} bytes, {}) at {} (pid {})",
+        info.size,
+        if read_only { "read-only" } else { "read-write" },
+        mountpoint.display(),
+        std::process::id()
+    );
+    if let Some(report) = ready {
+        // Not fatal: the mount works; the parent then says the process ended early.
+        let _ = report.write_all(&[REPORT_READY]);
+    }
+
+    smol::block_on(async {
+        let signalled = smol::future::or(async { sig_rx.recv().await.ok() }, async {
+            match done_rx.recv().await {
+                Ok(Err(e)) => log::error!("FUSE session ended: {e}"),
+                _ => log::info!("{} was unmounted", mountpoint.display()),
+            }
+            None
+        })
+        .await;
+        if let Some(sig) = signalled {
+            log::info!("signal {sig}: unmounting {}", mountpoint.display());
+            unmount(&mountpoint);
+        }
+        finish(&tasks, &engine).await;
+    });
+    signal_handle.close();
+    Ok(())
+}
+
+/// Ends requests, then transactions: no request is started any more (those that arrive fail
+/// with EIO), the running ones reply, and the engine waits for the acks of what it sent.
+async fn finish(tasks: &Arc<Tasks>, engine: &Engine) {
+    let running = tasks.running();
+    if running > 0 {
+        log::info!("waiting for {running} requests in progress");
+    }
+    tasks.stop().await;
+    engine.close().await;
+    log::info!("all transactions finished; exiting");
+}
+
+/// Unmounts after a signal. A mount still in use (a loop device on the file) is detached
+/// lazily: its name goes away at once, and users of open descriptors get errors once this
+/// process has exited, rather than the unmount failing and the signal doing nothing.
+fn unmount(mountpoint: &Path) {
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2 on a NUL-terminated path.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EBUSY) => {
+            log::warn!(
+                "{} is busy (a loop device or process still uses it); detaching it lazily",
+                mountpoint.display()
+            );
+            // SAFETY: as above.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                log::error!(
+                    "cannot detach {}: {}",
+                    mountpoint.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        // Not root: fusermount3 is the setuid helper that may unmount a user's FUSE mount.
+        Some(libc::EPERM) => {
+            let ok = ["fusermount3", "fusermount"].iter().any(|bin| {
+                std::process::Command::new(bin)
+                    .args(["-u", "-z", "-q"])
+                    .arg(mountpoint)
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !ok {
+                log::error!(
+                    "cannot unmount {}: fusermount3 -u failed",
+                    mountpoint.display()
+                );
+            }
+        }
+        _ => log::error!("cannot unmount {}: {err}", mountpoint.display()),
+    }
+}
+
+/// Where the output goes once mounted: /dev/null for stdin and stdout, and for stderr the log
+/// file or, in the background, /dev/null.
+struct Output {
+    null: File,
+    log: Option<File>,
+}
+
+impl Output {
+    fn open(log_file: Option<&Path>) -> Result<Output, String> {
+        let null = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| format!("cannot open /dev/null: {e}"))?;
+        let log = match log_file {
+            Some(path) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Output { null, log })
+    }
+
+    /// Leaves the caller's session (its terminal's hangup and job control no longer reach
+    /// this process), terminal or pipes, and the working directory, which would otherwise stay
+    /// busy for as long as the mount lives.
+    fn detach_all(&self) {
+        // SAFETY: plain system call; fails harmlessly if already a session leader.
+        unsafe { libc::setsid() };
+        let err = self.log.as_ref().unwrap_or(&self.null);
+        // SAFETY: dup2 onto the standard descriptors, which stay open.
+        unsafe {
+            libc::dup2(self.null.as_raw_fd(), 0);
+            libc::dup2(self.null.as_raw_fd(), 1);
+            libc::dup2(err.as_raw_fd(), 2);
+        }
+        let _ = std::env::set_current_dir("/");
+    }
+
+    /// In the foreground, only a log file given replaces stderr.
+    fn redirect_stderr(&self) {
+        if let Some(log) = &self.log {
+            // SAFETY: dup2 onto stderr, which stays open.
+            unsafe { libc::dup2(log.as_raw_fd(), 2) };
+        }
+    }
+}
+
+/// Where the fstab is: /etc/fstab, or `DST_FSTAB` (for tests and unusual systems).
+pub fn fstab_path() -> PathBuf {
+    std::env::var_os("DST_FSTAB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/fstab"))
+}
