@@ -29,7 +29,7 @@ fi
 
 say "building (cargo build --release)"
 cargo build --release --quiet
-BIN=$(pwd)/target/release
+BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/release
 
 WORK=$(mktemp -d /tmp/dst-demo.XXXXXX)
 mkdir -p "$WORK/remote" "$WORK/data"
@@ -69,7 +69,7 @@ echo "loop device: $LOOP"
 mkfs.ext4 -q "$LOOP"
 mount "$LOOP" "$WORK/data"
 
-say "writing 4 files of random data (96 MiB)"
+say "writing 4 files of random data (80 MiB)"
 for i in 1 2 3 4; do head -c $((i * 8))M /dev/urandom >"$WORK/data/file$i"; done
 (cd "$WORK/data" && sha256sum file*) >"$WORK/sums"
 cat "$WORK/sums"

@@ -30,7 +30,7 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
         export: req.source.export.clone(),
         key,
         server_key,
-        cipher: o.cipher.unwrap_or(Cipher::ChaChaPoly),
+        cipher: o.cipher.unwrap_or_else(Cipher::preferred),
         access: if o.read_only == Some(true) {
             Access::ReadOnly
         } else {

@@ -46,7 +46,8 @@ struct Args {
     #[arg(long)]
     ro: bool,
 
-    /// Channel cipher: chachapoly (default) or aesgcm
+    /// Channel cipher: aesgcm or chachapoly; default: aesgcm where the CPU has AES
+    /// instructions, chachapoly elsewhere (the faster of the two there)
     #[arg(long, value_name = "CIPHER")]
     cipher: Option<Cipher>,
 
