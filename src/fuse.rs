@@ -482,7 +482,10 @@ impl Filesystem for DstFs {
                 };
                 spawn(guard, async move {
                     match engine.read(offset, len).await {
-                        Ok(data) => reply.data(&data),
+                        Ok(data) => {
+                            reply.data(&data);
+                            engine.recycle(data);
+                        }
                         Err(errno) => reply.error(Errno::from_i32(errno)),
                     }
                 });
@@ -526,13 +529,14 @@ impl Filesystem for DstFs {
             Err(errno) => return reply.error(Errno::from_i32(errno)),
         };
         let fua = is_sync_write(flags.0);
-        // The kernel's buffer is reused for the next request once we return.
-        let data = data[..len].to_vec();
         let Some((engine, guard)) = self.task() else {
             return reply.error(Errno::EIO);
         };
+        // The kernel's buffer is reused for the next request once we return: the one copy
+        // of the data, into a buffer the engine keeps until the write is acked.
+        let data = engine.buffer(&data[..len]);
         spawn(guard, async move {
-            match engine.write(offset, &data, fua).await {
+            match engine.write_buffer(offset, data, fua).await {
                 Ok(()) => reply.written(len as u32),
                 Err(errno) => reply.error(Errno::from_i32(errno)),
             }

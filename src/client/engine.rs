@@ -30,6 +30,8 @@ const PING_TXID: u64 = u64::MAX;
 const SEND_BATCH: usize = 1 << 20;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bytes of idle buffers the pool keeps at most.
+const POOL_BYTES: usize = 16 << 20;
 /// Largest trim or write-zeroes range in one transaction.
 const RANGE_CHUNK: u64 = 1 << 30;
 
@@ -133,7 +135,9 @@ impl Engine {
             bytes: cfg.window_bytes,
         };
         let inner = Arc::new(Inner {
-            pool: Pool::new(cfg.window_bytes),
+            // Enough buffers for a steady stream of the largest writes; beyond that the
+            // allocator does as well, and resident memory stays lower.
+            pool: Pool::new(cfg.window_bytes.min(POOL_BYTES)),
             state: Mutex::new(State {
                 table: Table::new(window),
                 session: info.session,
@@ -185,8 +189,8 @@ impl Engine {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
-        let flags = if fua { FLAG_FUA } else { 0 };
         let max = self.inner.info.max_transfer as usize;
+        let flags = if fua { FLAG_FUA } else { 0 };
         let mut pending = Vec::new();
         for (i, part) in data.chunks(max).enumerate() {
             let buf = self.inner.pool.copy_of(part);
@@ -198,6 +202,35 @@ impl Engine {
             );
         }
         wait_all(pending).await
+    }
+
+    /// A copy of `data` in a buffer from the engine's pool, for [`Engine::write_buffer`]:
+    /// a caller whose data lives in a borrowed buffer copies it once, here.
+    pub fn buffer(&self, data: &[u8]) -> Vec<u8> {
+        self.inner.pool.copy_of(data)
+    }
+
+    /// Writes a buffer the engine keeps until the write is acked (for resends), then
+    /// returns to its pool; no further copy unless it is over the maximum transfer.
+    pub async fn write_buffer(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), i32> {
+        if data.len() > self.inner.info.max_transfer as usize {
+            // The server granted less than the caller's writes: split, copying the parts.
+            let result = self.write(offset, &data, fua).await;
+            self.recycle(data);
+            return result;
+        }
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let len = data.len() as u32;
+        let rx = self
+            .inner
+            .submit(Op::Write, flags, offset, len, data)
+            .await?;
+        wait(rx).await.map(drop)
+    }
+
+    /// Gives the buffer of a finished read back to the pool.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        self.inner.pool.put(buf);
     }
 
     /// Returns once every write acked before it is on stable storage on the export node.
@@ -363,7 +396,7 @@ impl Inner {
         };
         self.room.notify(usize::MAX);
         let outcome = if status == 0 {
-            Ok(data.to_vec())
+            Ok(self.pool.copy_of(data))
         } else {
             Err(status as i32)
         };
