@@ -11,7 +11,7 @@ set -euo pipefail
 IMG=$1 MNT=$2
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 cargo build --release --quiet >&2
-BIN=$(pwd)/target/release
+BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/release
 
 KEYS=$(mktemp -d /tmp/dst-bench.XXXXXX)
 trap 'rm -rf "$KEYS"' EXIT
