@@ -1,20 +1,59 @@
-//! `dst-server`: the export node. Parses arguments and wires the server together.
+//! `dst-server`: the export node. Parses arguments and wires the server together; the
+//! `scrub` subcommand checks an image against its checksum table.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use dst::channel::Cipher;
 use dst::server::auth::AuthorizedKeys;
+use dst::server::checksums::{self, ChecksumTable};
 use dst::server::export::ExportSpec;
 use dst::server::{Config, Reloader, Server};
 use dst::units::{parse_duration, parse_size};
 
 /// Export files or block devices to dst clients over an authenticated, encrypted channel.
+///
+/// Serve with `dst-server --key FILE --authorized-keys FILE --export NAME=PATH ...`;
+/// check an image against its checksum table with `dst-server scrub --export NAME=PATH`.
 #[derive(Parser)]
-#[command(version)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    arg_required_else_help = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Option<Args>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Verify an image against its checksum table (PATH.dst-sum), with the export not
+    /// being served. Exits 1 if corrupt blocks are found, 2 if the scrub could not run
+    Scrub(ScrubArgs),
+}
+
+#[derive(clap::Args)]
+struct ScrubArgs {
+    /// The export, as given to the server (NAME=PATH; suffixes such as :ro are ignored)
+    #[arg(long = "export", value_name = "NAME=PATH")]
+    export: ExportSpec,
+
+    /// Rebuild the table from the image's current contents, for an image known to be good
+    /// (after a legitimate change made outside dst)
+    #[arg(long)]
+    repair_table: bool,
+}
+
+/// Serving exports.
+#[derive(clap::Args)]
 struct Args {
     /// The server's private key (made by dst-keygen)
     #[arg(long, value_name = "FILE")]
@@ -24,9 +63,14 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     authorized_keys: PathBuf,
 
-    /// An export: NAME=PATH, a regular file or block device; NAME=PATH:ro for read-only.
-    /// Repeat for more exports
-    #[arg(long = "export", value_name = "NAME=PATH[:ro]", required = true)]
+    /// An export: NAME=PATH, a regular file or block device. Suffixes, in any order: :ro
+    /// for read-only, :checksums to keep per-block checksums in PATH.dst-sum. Repeat for
+    /// more exports
+    #[arg(
+        long = "export",
+        value_name = "NAME=PATH[:ro][:checksums]",
+        required = true
+    )]
     exports: Vec<ExportSpec>,
 
     /// Create a missing export file as a sparse image of this size (e.g. 100G)
@@ -74,11 +118,22 @@ struct Args {
     /// Bytes of requests one session may have in progress on the server
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
     session_window: u64,
+
+    /// How often checksum tables are made durable; after a crash, regions written within
+    /// about twice this are rechecked and their mismatching blocks left unverified
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    checksum_checkpoint: Duration,
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let args = match (cli.command, cli.serve) {
+        (Some(Command::Scrub(scrub)), _) => return run_scrub(scrub),
+        (None, Some(args)) => args,
+        // arg_required_else_help: clap has printed the help already.
+        (None, None) => return ExitCode::FAILURE,
+    };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -104,7 +159,14 @@ fn run(args: Args) -> Result<(), String> {
         key,
         authorized_keys,
         authorized_keys_path: args.authorized_keys,
-        exports: args.exports,
+        exports: args
+            .exports
+            .into_iter()
+            .map(|spec| ExportSpec {
+                checksum_checkpoint: args.checksum_checkpoint,
+                ..spec
+            })
+            .collect(),
         create_size: args.create_size,
         listen: args.listen,
         ciphers: args.cipher,
@@ -149,4 +211,118 @@ fn handle_signals(reloader: Reloader) -> std::io::Result<impl std::future::Futur
     Ok(async move {
         let _ = rx.recv().await;
     })
+}
+
+/// `dst-server scrub`: exit status 0 if the image matches its table, 1 if corrupt blocks
+/// were found, 2 if the scrub could not run.
+fn run_scrub(args: ScrubArgs) -> ExitCode {
+    let spec = &args.export;
+    let started = Instant::now();
+    let image_len = std::fs::File::open(&spec.path)
+        .and_then(|f| checksums::image_size(&f))
+        .unwrap_or(0);
+    let bar = progress_bar(image_len);
+    let mut progress = |done: u64| bar.set_position(done);
+    let result = if args.repair_table {
+        checksums::rebuild(&spec.path, &mut progress).map(|r| {
+            bar.finish_and_clear();
+            println!(
+                "rebuilt checksum table {} from {} in {:.1?}: {} blocks of 4 KiB ({} zero)",
+                checksums::sidecar_path(&spec.path).display(),
+                spec.path.display(),
+                started.elapsed(),
+                r.blocks,
+                r.zero
+            );
+            ExitCode::SUCCESS
+        })
+    } else {
+        scrub(spec, &mut progress).map(|report| {
+            bar.finish_and_clear();
+            print_scrub(spec, &report, started.elapsed());
+            if report.corrupt > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        })
+    };
+    result.unwrap_or_else(|e| {
+        bar.finish_and_clear();
+        eprintln!("dst-server scrub: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn scrub(
+    spec: &ExportSpec,
+    progress: &mut dyn FnMut(u64),
+) -> Result<checksums::ScrubReport, String> {
+    let table_path = checksums::sidecar_path(&spec.path);
+    if !table_path.exists() {
+        return Err(format!(
+            "{} has no checksum table ({} is missing); serve the export with :checksums to \
+             start one, or build one from the image with --repair-table",
+            spec.path.display(),
+            table_path.display()
+        ));
+    }
+    let image =
+        std::fs::File::open(&spec.path).map_err(|e| format!("{}: {e}", spec.path.display()))?;
+    let table = ChecksumTable::open(&spec.name, &spec.path, image, None)?;
+    table
+        .scrub(progress)
+        .map_err(|e| format!("export '{}': scrub failed: {e}", spec.name))
+}
+
+fn print_scrub(spec: &ExportSpec, r: &checksums::ScrubReport, took: Duration) {
+    println!(
+        "scrubbed export '{}' ({}) in {took:.1?}: {} blocks of 4 KiB checked",
+        spec.name,
+        spec.path.display(),
+        r.blocks
+    );
+    if r.was_unclean {
+        println!("  the table was not closed cleanly; it was recovered first");
+    }
+    println!("  ok          {}", r.ok);
+    println!("  zero        {}  (known zero, read as zeros)", r.zero);
+    println!(
+        "  unverified  {}  (had no usable checksum; their current contents are now recorded)",
+        r.unverified
+    );
+    if r.corrupt == 0 {
+        println!("  corrupt     0");
+    } else {
+        let more = if r.corrupt > r.first_corrupt.len() as u64 {
+            ", ..."
+        } else {
+            ""
+        };
+        let first: Vec<String> = r.first_corrupt.iter().map(|b| b.to_string()).collect();
+        println!(
+            "  corrupt     {}  (blocks {}{more})",
+            r.corrupt,
+            first.join(", ")
+        );
+        println!(
+            "reads of corrupt blocks fail with EIO until they are rewritten or restored; block N \
+             is bytes N*4096 to N*4096+4095 of the image. If the image was changed on purpose and \
+             is good, rebuild the table with --repair-table"
+        );
+    }
+}
+
+/// A progress bar on stderr, only when stderr is a terminal.
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
 }

@@ -1,5 +1,6 @@
 //! One export: a regular file or block device on the export node, and the blocking I/O
 //! on it. Requests reach here already checked against the export's size and access.
+//! With `:checksums`, reads and changes go through the export's [`ChecksumTable`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -7,27 +8,40 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Duration;
 
+use super::checksums::{self, ChecksumTable};
 use crate::protocol::{Op, SessionId};
 
-/// How an export is given on the command line: `NAME=PATH[:ro]`.
+/// How an export is given on the command line: `NAME=PATH[:ro][:checksums]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
     pub path: PathBuf,
     pub read_only: bool,
+    /// Keep a per-block checksum table beside the image (`PATH.dst-sum`).
+    pub checksums: bool,
+    /// How often the checksum table is made durable (not part of the spec's text).
+    pub checksum_checkpoint: Duration,
 }
 
 impl std::str::FromStr for ExportSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (name, rest) = s
+        let (name, mut path) = s
             .split_once('=')
-            .ok_or_else(|| format!("export '{s}' is not NAME=PATH[:ro]"))?;
-        let (path, read_only) = match rest.strip_suffix(":ro") {
-            Some(p) => (p, true),
-            None => (rest, false),
-        };
+            .ok_or_else(|| format!("export '{s}' is not NAME=PATH[:ro][:checksums]"))?;
+        let (mut read_only, mut checksums) = (false, false);
+        // Suffixes in any order, each at most once.
+        loop {
+            if let Some(p) = path.strip_suffix(":ro").filter(|_| !read_only) {
+                (path, read_only) = (p, true);
+            } else if let Some(p) = path.strip_suffix(":checksums").filter(|_| !checksums) {
+                (path, checksums) = (p, true);
+            } else {
+                break;
+            }
+        }
         let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         if name.is_empty()
             || name.len() > crate::protocol::MAX_EXPORT_NAME
@@ -39,12 +53,16 @@ impl std::str::FromStr for ExportSpec {
             ));
         }
         if path.is_empty() {
-            return Err(format!("export '{name}' has no path; use NAME=PATH"));
+            return Err(format!(
+                "export '{name}' has no path; use NAME=PATH[:ro][:checksums]"
+            ));
         }
         Ok(ExportSpec {
             name: name.into(),
             path: path.into(),
             read_only,
+            checksums,
+            checksum_checkpoint: checksums::DEFAULT_CHECKPOINT,
         })
     }
 }
@@ -62,6 +80,8 @@ pub struct Export {
     dsync: Option<File>,
     /// The read-write session holding the export, if any: there is one writer at a time.
     pub writer: Mutex<Option<SessionId>>,
+    /// Per-block checksums, with `:checksums`.
+    pub checksums: Option<ChecksumTable>,
 }
 
 /// Result of executing a request: an errno-style status and, for a read, the data.
@@ -120,6 +140,17 @@ impl Export {
         } else {
             Some(open(libc::O_DSYNC).map_err(ctx)?)
         };
+        let checksums = if spec.checksums {
+            let image = file.try_clone().map_err(ctx)?;
+            Some(ChecksumTable::open(
+                &spec.name,
+                path,
+                image,
+                Some(spec.checksum_checkpoint),
+            )?)
+        } else {
+            None
+        };
         Ok(Export {
             name: spec.name.clone(),
             path: path.clone(),
@@ -129,6 +160,7 @@ impl Export {
             file,
             dsync,
             writer: Mutex::new(None),
+            checksums,
         })
     }
 
@@ -141,11 +173,19 @@ impl Export {
 
     /// Executes one request; blocking, so run it off the network tasks.
     pub fn execute(&self, op: Op, fua: bool, offset: u64, length: u32, data: &[u8]) -> Outcome {
+        let sums = self.checksums.as_ref();
         let result = match op {
             Op::Read => {
-                let mut buf = vec![0u8; length as usize];
-                return match self.file.read_exact_at(&mut buf, offset) {
-                    Ok(()) => (0, buf),
+                // A checksum mismatch was logged with its block number where it was found.
+                let read = match sums {
+                    Some(t) => t.read(offset, length),
+                    None => {
+                        let mut buf = vec![0u8; length as usize];
+                        self.file.read_exact_at(&mut buf, offset).map(|()| buf)
+                    }
+                };
+                return match read {
+                    Ok(buf) => (0, buf),
                     Err(e) => (errno(&e), Vec::new()),
                 };
             }
@@ -155,9 +195,14 @@ impl Export {
                 } else {
                     &self.file
                 };
-                f.write_all_at(data, offset)
+                let write = || f.write_all_at(data, offset);
+                match sums {
+                    Some(t) => t.write(offset, data, write),
+                    None => write(),
+                }
             }
-            Op::Flush => self.sync(),
+            // Checksums are made durable by their own checkpoints, not on this path.
+            Op::Flush => self.sync_data(),
             Op::Trim => self.trim(offset, length as u64, fua),
             Op::WriteZeroes => self.write_zeroes(offset, length as u64, fua),
             Op::Ping => Ok(()),
@@ -171,8 +216,18 @@ impl Export {
         }
     }
 
-    /// Puts every completed write on stable storage.
+    /// Puts every completed write on stable storage; with checksums, the table too, and
+    /// marks it closed cleanly (the server calls this at shutdown).
     pub fn sync(&self) -> io::Result<()> {
+        self.sync_data()?;
+        match &self.checksums {
+            Some(t) => t.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts every completed write's data on stable storage (FLUSH, FUA).
+    fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }
 
@@ -187,20 +242,40 @@ impl Export {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        match self.fallocate(
+        let punch = || match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
         ) {
             // A discard is a hint: where holes cannot be punched, the data may stay.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
             Err(e) => Err(e),
-            Ok(()) if fua => self.sync(),
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
+        };
+        let punched = match &self.checksums {
+            Some(t) => t.zero(offset, len, punch)?,
+            None => punch()?,
+        };
+        if punched && fua {
+            self.sync_data()?;
         }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        match &self.checksums {
+            Some(t) => t
+                .zero(offset, len, || self.zero_range(offset, len).map(|()| true))
+                .map(drop)?,
+            None => self.zero_range(offset, len)?,
+        }
+        if fua {
+            self.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
         let mut r = self.fallocate(
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
@@ -224,11 +299,7 @@ impl Export {
             }
             r = Ok(());
         }
-        r?;
-        if fua {
-            self.sync()?;
-        }
-        Ok(())
+        r
     }
 }
 
@@ -244,4 +315,32 @@ fn logical_block_size(file: &File) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     Ok(size as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_spec_suffixes_in_any_order() {
+        let p = |s: &str| s.parse::<ExportSpec>();
+        let d = p("disk=/srv/d.img").unwrap();
+        assert_eq!((d.read_only, d.checksums), (false, false));
+        assert_eq!(d.path, PathBuf::from("/srv/d.img"));
+        for s in ["d=/x:ro:checksums", "d=/x:checksums:ro"] {
+            let d = p(s).unwrap();
+            assert_eq!(
+                (d.read_only, d.checksums, d.path.to_str()),
+                (true, true, Some("/x"))
+            );
+        }
+        let d = p("d=/x:checksums").unwrap();
+        assert_eq!((d.read_only, d.checksums), (false, true));
+        // A suffix given twice is left in the path, as a path ending in it would be.
+        assert_eq!(p("d=/x:ro:ro").unwrap().path.to_str(), Some("/x:ro"));
+        assert!(p("d=:checksums").unwrap_err().contains("no path"));
+        assert!(p("nopath")
+            .unwrap_err()
+            .contains("NAME=PATH[:ro][:checksums]"));
+    }
 }

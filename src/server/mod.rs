@@ -7,6 +7,7 @@
 //! reconnects resumes it, and its reply cache answers resent transactions.
 
 pub mod auth;
+pub mod checksums;
 pub mod export;
 pub mod limits;
 pub mod reply_cache;

@@ -1,0 +1,644 @@
+//! Per-block checksums (`--export NAME=PATH:checksums`) against real dst-server processes:
+//! corruption in the image is caught by reads and by `dst-server scrub`, a server killed
+//! mid-workload reports no false corruption, trimmed blocks verify as zeros, and
+//! `--repair-table` accepts a legitimate out-of-band change.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{connect, file_bytes, pattern, Setup};
+use dst::client::engine::{Engine, EngineConfig};
+use dst::client::ClientError;
+use dst::protocol::Access;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+/// Dirty regions of a 64 MiB image are 16 MiB.
+const REGION: u64 = 16 * MIB;
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    smol::block_on(f)
+}
+
+/// Runs `dst-server scrub` in the setup's directory; returns its exit code and output.
+fn scrub(s: &Setup, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dst-server"))
+        .arg("scrub")
+        .args(args)
+        .current_dir(s.dir.path())
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("dst-server scrub runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().expect("scrub exited"), text)
+}
+
+/// The number after `label` in a scrub summary.
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no '{label}' in the summary:\n{summary}"))
+}
+
+/// Checks that ok + zero + unverified + corrupt covers the whole 64 MiB image.
+fn assert_whole_image(summary: &str) {
+    let sum: u64 = ["ok", "zero", "unverified", "corrupt"]
+        .iter()
+        .map(|l| count(summary, l))
+        .sum();
+    assert_eq!(sum, 64 * MIB / BLOCK, "{summary}");
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let b = file_bytes(path, offset, 1)[0];
+    f.write_all_at(&[b ^ 0x5a], offset).unwrap();
+}
+
+fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u32 {
+    match r {
+        Err(ClientError::Status(e)) => e,
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_flipped_byte_fails_reads_of_its_block_and_scrub_reports_it() {
+    let s = Setup::new();
+    let mut server = s.server(&[
+        "--export",
+        "disk=disk.img:checksums",
+        "--create-size",
+        "64M",
+    ]);
+    server.wait_for_log("checksums on");
+    let img = s.path("disk.img");
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    let data = pattern(MIB as usize, 1);
+    block_on(async {
+        c.write(0, &data, false).await.unwrap();
+        c.flush().await.unwrap();
+        assert!(c.read(0, MIB as u32).await.unwrap() == data);
+    });
+
+    flip_byte(&img, 3 * BLOCK + 100);
+    block_on(async {
+        assert_eq!(status(c.read(3 * BLOCK, 4096).await), libc::EIO as u32);
+        assert_eq!(status(c.read(3 * BLOCK + 4000, 10).await), libc::EIO as u32);
+        assert_eq!(status(c.read(0, MIB as u32).await), libc::EIO as u32);
+        // Untouched blocks, even next to it, still read fine.
+        assert_eq!(
+            c.read(2 * BLOCK, 4096).await.unwrap(),
+            data[2 * BLOCK as usize..3 * BLOCK as usize]
+        );
+        assert_eq!(
+            c.read(4 * BLOCK, 8192).await.unwrap(),
+            data[4 * BLOCK as usize..6 * BLOCK as usize]
+        );
+    });
+    server.wait_for_log("block 3 (bytes 12288..16384 of the image) does not match its checksum");
+
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 2, "scrub must refuse while the server runs:\n{out}");
+    assert!(out.contains("in use"), "{out}");
+
+    drop(c);
+    server.stop(libc::SIGTERM);
+    assert!(
+        server
+            .log()
+            .contains("3 blocks failed checksum verification"),
+        "{}",
+        server.log()
+    );
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(count(&out, "corrupt"), 1, "{out}");
+    assert!(out.contains("(blocks 3)"), "{out}");
+    assert_eq!(count(&out, "ok"), 255, "{out}");
+    assert_whole_image(&out);
+}
+
+fn engine_config(s: &Setup, server: &common::ServerProcess) -> EngineConfig {
+    EngineConfig {
+        resend_timeout: Duration::from_millis(500),
+        resend_count: 40,
+        ping_interval: Duration::from_millis(500),
+        ..EngineConfig::new(s.client(server, "disk", Access::ReadWrite))
+    }
+}
+
+/// Writers on their own 64 KiB blocks, each write read back, a flush every third round;
+/// returns block -> seed of its last acked write. Any error fails the test.
+async fn workload(engine: &Engine, writers: u64, rounds: u64) -> HashMap<u64, u64> {
+    const LEN: usize = 64 << 10;
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let engine = engine.clone();
+            smol::spawn(async move {
+                let mut model = HashMap::new();
+                for r in 0..rounds {
+                    for b in 0..8 {
+                        // Spread over all four regions, some blocks unaligned to 4 KiB.
+                        let block = w * 8 + b;
+                        let off = (block % 4) * REGION + (block / 4) * (LEN as u64 + 512);
+                        let seed = (block << 20) ^ r;
+                        let data = pattern(LEN, seed);
+                        engine
+                            .write(off, &data, false)
+                            .await
+                            .unwrap_or_else(|e| panic!("write {block}: errno {e}"));
+                        model.insert(off, seed);
+                        let back = engine
+                            .read(off, LEN as u32)
+                            .await
+                            .unwrap_or_else(|e| panic!("read {block}: errno {e}"));
+                        assert!(back == data, "block {block} read back wrong");
+                    }
+                    if r % 3 == 2 {
+                        engine.flush().await.unwrap();
+                    }
+                }
+                model
+            })
+        })
+        .collect();
+    let mut model = HashMap::new();
+    for t in tasks {
+        model.extend(t.await);
+    }
+    model
+}
+
+#[test]
+fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
+    let s = Setup::new();
+    let args = [
+        "--export",
+        "disk=disk.img:checksums",
+        "--create-size",
+        "64M",
+        "--checksum-checkpoint",
+        "100ms",
+    ];
+    let mut server = s.server(&args);
+    let addr = server.addr;
+    let engine = block_on(Engine::start(engine_config(&s, &server))).unwrap();
+    let run = smol::spawn({
+        let engine = engine.clone();
+        async move { workload(&engine, 4, 40).await }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let before = engine.stats().bytes_written;
+    server.stop(libc::SIGKILL);
+
+    // The table was left dirty: scrub recovers it and finds nothing corrupt.
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("not closed cleanly"), "{out}");
+    assert_eq!(count(&out, "corrupt"), 0, "{out}");
+    assert_whole_image(&out);
+
+    // Restarted, the server serves the rest of the workload; every read verifies.
+    let mut server = s.server_at(addr, &args);
+    let model = block_on(async {
+        let model = run.await;
+        engine.flush().await.unwrap();
+        engine.close().await;
+        model
+    });
+    let stats = engine.stats();
+    assert!(before > 0, "the workload was running when the server died");
+    assert!(stats.reconnects >= 1, "{stats}");
+    assert_eq!(stats.failures, 0, "{stats}");
+    for (off, seed) in &model {
+        assert!(file_bytes(&s.path("disk.img"), *off, 64 << 10) == pattern(64 << 10, *seed));
+    }
+    server.stop(libc::SIGTERM);
+    assert!(!server.log().contains("does not match"), "{}", server.log());
+    assert!(server.log().contains("closed cleanly"), "{}", server.log());
+
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("not closed cleanly"), "{out}");
+    assert_eq!(count(&out, "corrupt"), 0, "{out}");
+    assert_eq!(count(&out, "unverified"), 0, "{out}");
+    assert_whole_image(&out);
+}
+
+/// Whether region `r`'s dirty bit is set in the table on disk (page cache).
+fn region_dirty(s: &Setup, r: u64) -> bool {
+    file_bytes(&s.path("disk.img.dst-sum"), 1024 + r / 8, 1)[0] & (1 << (r % 8)) != 0
+}
+
+#[test]
+fn after_a_crash_blocks_changed_in_dirty_regions_are_unverified_and_in_clean_ones_corrupt() {
+    // Stands in for a power loss: the image holds data whose checksum never reached
+    // the table, in a region being written, and rot in a region that is clean.
+    let s = Setup::new();
+    let args = [
+        "--export",
+        "disk=disk.img:checksums",
+        "--create-size",
+        "64M",
+        "--checksum-checkpoint",
+        "100ms",
+    ];
+    let mut server = s.server(&args);
+    let img = s.path("disk.img");
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async {
+        c.write(0, &pattern(8192, 1), false).await.unwrap();
+        c.flush().await.unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while region_dirty(&s, 0) {
+        assert!(Instant::now() < deadline, "region 0 never became clean");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    block_on(async {
+        c.write(REGION, &pattern(8192, 2), false).await.unwrap();
+    });
+    assert!(
+        region_dirty(&s, 1),
+        "a write's region is marked dirty before it is acked"
+    );
+    server.stop(libc::SIGKILL);
+    drop(c);
+
+    img_write(&img, REGION + 4096, &pattern(4096, 3)); // "data without its checksum"
+    flip_byte(&img, 100); // rot in clean region 0
+    let server = s.server_at(server.addr, &args);
+    server.wait_for_log("1 blocks changed just before the shutdown");
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async {
+        assert_eq!(c.read(REGION + 4096, 4096).await.unwrap(), pattern(4096, 3));
+        assert_eq!(
+            c.read(REGION, 4096).await.unwrap(),
+            pattern(8192, 2)[..4096],
+            "blocks that match stay verified"
+        );
+        assert_eq!(status(c.read(0, 4096).await), libc::EIO as u32);
+        assert_eq!(c.read(4096, 4096).await.unwrap(), pattern(8192, 1)[4096..]);
+        // A rewrite makes the unverified block verified again.
+        c.write(REGION + 4096, &pattern(4096, 4), false)
+            .await
+            .unwrap();
+    });
+    flip_byte(&img, REGION + 4096 + 9);
+    block_on(async {
+        assert_eq!(status(c.read(REGION + 4096, 4096).await), libc::EIO as u32);
+    });
+}
+
+fn img_write(path: &Path, offset: u64, data: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+#[test]
+fn trimmed_and_zeroed_blocks_read_as_zeros_and_verify() {
+    let s = Setup::new();
+    let mut server = s.server(&[
+        "--export",
+        "disk=disk.img:checksums",
+        "--create-size",
+        "64M",
+    ]);
+    let img = s.path("disk.img");
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    let data = pattern(2 * MIB as usize, 1);
+    let mut model = data.clone();
+    block_on(async {
+        for at in [0, MIB as usize] {
+            c.write(at as u64, &data[at..at + MIB as usize], false)
+                .await
+                .unwrap();
+        }
+        c.flush().await.unwrap();
+        c.trim(0, MIB as u32).await.unwrap();
+        model[..MIB as usize].fill(0);
+        // Unaligned: the blocks at both ends change in part.
+        c.write_zeroes(MIB + 1000, 9000).await.unwrap();
+        model[MIB as usize + 1000..MIB as usize + 10_000].fill(0);
+        c.write(MIB + 20_000, &[7; 100], false).await.unwrap();
+        model[MIB as usize + 20_000..MIB as usize + 20_100].fill(7);
+        let mut back = c.read(0, MIB as u32).await.unwrap();
+        back.extend(c.read(MIB, MIB as u32).await.unwrap());
+        assert!(back == model);
+        assert_eq!(c.read(5 * BLOCK, 4096).await.unwrap(), vec![0; 4096]);
+        c.flush().await.unwrap();
+    });
+    drop(c);
+    server.stop(libc::SIGTERM);
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 0, "{out}");
+    // Trimmed: 256 blocks; zeroed whole: block 257 (bytes 1052672..1056768 lie in 1049576..1058576).
+    let never_written = 64 * MIB / BLOCK - 512;
+    assert_eq!(count(&out, "zero"), never_written + 256 + 1, "{out}");
+    assert_eq!(count(&out, "ok"), 255, "{out}");
+    assert_whole_image(&out);
+
+    // Something non-zero in a trimmed block is corruption, for reads and for scrub.
+    img_write(&img, 5 * BLOCK + 7, &[1]);
+    let server = s.server(&["--export", "disk=disk.img:checksums"]);
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async {
+        assert_eq!(status(c.read(5 * BLOCK, 4096).await), libc::EIO as u32);
+        assert_eq!(c.read(4 * BLOCK, 4096).await.unwrap(), vec![0; 4096]);
+    });
+    drop(c);
+    drop(server);
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("(blocks 5)"), "{out}");
+}
+
+#[test]
+fn repair_table_accepts_a_legitimate_out_of_band_change() {
+    let s = Setup::new();
+    let mut server = s.server(&[
+        "--export",
+        "disk=disk.img:checksums",
+        "--create-size",
+        "64M",
+    ]);
+    let img = s.path("disk.img");
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async {
+        c.write(0, &pattern(MIB as usize, 1), false).await.unwrap();
+        c.flush().await.unwrap();
+    });
+    drop(c);
+    server.stop(libc::SIGTERM);
+
+    // An administrator restores two blocks from a backup, outside dst.
+    img_write(&img, 10 * BLOCK, &pattern(2 * BLOCK as usize, 9));
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!((code, count(&out, "corrupt")), (1, 2), "{out}");
+
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rebuilt checksum table"), "{out}");
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        (count(&out, "corrupt"), count(&out, "ok")),
+        (0, 256),
+        "{out}"
+    );
+
+    let server = s.server(&["--export", "disk=disk.img:checksums"]);
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async {
+        assert_eq!(
+            c.read(10 * BLOCK, 2 * BLOCK as u32).await.unwrap(),
+            pattern(2 * BLOCK as usize, 9)
+        );
+    });
+}
+
+/// Starts dst-server on `disk.img:checksums`, expecting it to refuse; returns stderr.
+fn refused_start(s: &Setup) -> String {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dst-server"))
+        .args([
+            "--key",
+            "server.key",
+            "--authorized-keys",
+            "authorized_keys",
+        ])
+        .args([
+            "--export",
+            "disk=disk.img:checksums",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dst-server started instead of refusing the table");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
+#[test]
+fn a_table_for_another_image_is_refused_with_the_fix() {
+    let s = Setup::new();
+    let mut server = s.server(&[
+        "--export",
+        "disk=disk.img:checksums",
+        "--create-size",
+        "64M",
+    ]);
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async { c.write(0, &pattern(4096, 1), false).await.unwrap() });
+    server.stop(libc::SIGTERM);
+
+    // A new image of the same size in place of the old one, table left behind.
+    std::fs::remove_file(s.path("disk.img")).unwrap();
+    let f = std::fs::File::create(s.path("disk.img")).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    let err = refused_start(&s);
+    assert!(err.contains("replaced or copied"), "{err}");
+    assert!(err.contains("--repair-table"), "{err}");
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!(code, 2, "{out}");
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
+    assert_eq!(code, 0, "{out}");
+
+    // The same file, grown.
+    f.set_len(65 * MIB).unwrap();
+    let err = refused_start(&s);
+    assert!(err.contains("describes an image of"), "{err}");
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
+    assert_eq!(code, 0, "{out}");
+    let server = s.server(&["--export", "disk=disk.img:checksums"]);
+    let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+    block_on(async { assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]) });
+}
+
+/// Throughput with and without checksums, through the engine on 127.0.0.1. Run with
+/// `cargo test --release --test checksums -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn overhead_of_checksums() {
+    for sums in [false, true, false, true, false, true] {
+        let s = Setup::new();
+        let export = if sums {
+            "disk=disk.img:checksums"
+        } else {
+            "disk=disk.img"
+        };
+        let server = s.server(&["--export", export, "--create-size", "1G"]);
+        let engine = block_on(Engine::start(engine_config(&s, &server))).unwrap();
+        let label = if sums { "checksums" } else { "plain    " };
+        let size = 1u64 << 30;
+        let run = |name: &str, ops: u64, len: u64, f: &dyn Fn() -> Duration| {
+            let t = f().as_secs_f64();
+            println!(
+                "{label} {name:<10} {:>8.1} MB/s {:>8.0} IOPS",
+                (ops * len) as f64 / t / 1e6,
+                ops as f64 / t
+            );
+        };
+        let parallel = |qd: u64, ops: u64, len: u64, write: bool, random: bool| {
+            let start = Instant::now();
+            block_on(async {
+                let tasks: Vec<_> = (0..qd)
+                    .map(|q| {
+                        let engine = engine.clone();
+                        smol::spawn(async move {
+                            let data = pattern(len as usize, q);
+                            let mut x = q.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                            for i in 0..ops / qd {
+                                let off = if random {
+                                    x ^= x << 13;
+                                    x ^= x >> 7;
+                                    x ^= x << 17;
+                                    (x % (size / len)) * len
+                                } else {
+                                    ((i * qd + q) * len) % size
+                                };
+                                if write {
+                                    engine.write(off, &data, false).await.unwrap();
+                                } else {
+                                    engine.read(off, len as u32).await.unwrap();
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await;
+                }
+                if write {
+                    engine.flush().await.unwrap();
+                }
+            });
+            start.elapsed()
+        };
+        run("seqwrite", 512, MIB, &|| parallel(8, 512, MIB, true, false));
+        run("seqread", 512, MIB, &|| parallel(8, 512, MIB, false, false));
+        run("randwrite", 40_000, 4096, &|| {
+            parallel(32, 40_000, 4096, true, true)
+        });
+        run("randread", 40_000, 4096, &|| {
+            parallel(32, 40_000, 4096, false, true)
+        });
+        run("syncwrite", 1000, 4096, &|| {
+            let start = Instant::now();
+            block_on(async {
+                let data = pattern(4096, 5);
+                for i in 0..1000u64 {
+                    engine
+                        .write((i * 7919 % 262_144) * 4096, &data, false)
+                        .await
+                        .unwrap();
+                    engine.flush().await.unwrap();
+                }
+            });
+            start.elapsed()
+        });
+        block_on(engine.close());
+    }
+}
+
+/// The export node's own cost, without network or crypto: `ChecksumTable` reads and
+/// writes against plain `pread`/`pwrite` on the same kind of file. Run with
+/// `cargo test --release --test checksums -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn overhead_of_checksums_on_the_export_node() {
+    use dst::server::checksums::ChecksumTable;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 30;
+    for sums in [false, true, false, true] {
+        let path = dir.path().join(format!("img{}", sums as u8));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(dir.path().join(format!("img{}.dst-sum", sums as u8)));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(size).unwrap();
+        let table = sums.then(|| {
+            ChecksumTable::open(
+                "bench",
+                &path,
+                f.try_clone().unwrap(),
+                Some(Duration::from_secs(5)),
+            )
+            .unwrap()
+        });
+        let label = if sums { "checksums" } else { "plain    " };
+        let time = |name: &str, ops: u64, len: u64, op: &dyn Fn(u64)| {
+            let start = Instant::now();
+            for i in 0..ops {
+                op(i);
+            }
+            let t = start.elapsed().as_secs_f64();
+            println!(
+                "{label} {name:<10} {:>8.0} MB/s {:>8.0} IOPS",
+                (ops * len) as f64 / t / 1e6,
+                ops as f64 / t
+            );
+        };
+        let big = pattern(MIB as usize, 1);
+        let small = pattern(4096, 2);
+        let random = |i: u64| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) % (size / 4096) * 4096;
+        let write = |off: u64, data: &[u8]| match &table {
+            Some(t) => t.write(off, data, || f.write_all_at(data, off)).unwrap(),
+            None => f.write_all_at(data, off).unwrap(),
+        };
+        let read = |off: u64, len: usize| match &table {
+            Some(t) => drop(t.read(off, len as u32).unwrap()),
+            None => {
+                let mut buf = vec![0; len];
+                f.read_exact_at(&mut buf, off).unwrap();
+            }
+        };
+        time("seqwrite", 512, MIB, &|i| write(i * MIB, &big));
+        time("seqread", 512, MIB, &|i| read(i * MIB, MIB as usize));
+        time("randwrite", 100_000, 4096, &|i| write(random(i), &small));
+        time("randread", 100_000, 4096, &|i| read(random(i), 4096));
+        time("syncwrite", 500, 4096, &|i| {
+            write(random(i + 7), &small);
+            f.sync_data().unwrap();
+        });
+    }
+}
