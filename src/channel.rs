@@ -397,20 +397,29 @@ pub struct Sender<W> {
 impl<W: AsyncWrite + Unpin> Sender<W> {
     /// Encrypts `plain` (one or more encoded frames) and writes it in one go.
     pub async fn send(&mut self, plain: &[u8]) -> Result<(), ChannelError> {
-        let records = plain.len().div_ceil(RECORD_PLAINTEXT);
-        self.out.clear();
-        self.out.reserve(plain.len() + records * (2 + TAG_LEN));
-        for chunk in plain.chunks(RECORD_PLAINTEXT) {
-            let at = self.out.len();
-            self.out.resize(at + 2 + chunk.len() + TAG_LEN, 0);
+        self.send_parts(&[plain]).await
+    }
+
+    /// Encrypts the parts, in order, as one stream of records and writes them in one go.
+    /// Parts are encrypted where they lie, so a large payload goes from its buffer into the
+    /// ciphertext without a copy; each part starts a record.
+    pub async fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), ChannelError> {
+        let size = |p: &&[u8]| p.len() + p.len().div_ceil(RECORD_PLAINTEXT) * (2 + TAG_LEN);
+        let total: usize = parts.iter().map(size).sum();
+        if self.out.len() < total {
+            self.out.resize(total, 0);
+        }
+        let mut at = 0;
+        for chunk in parts.iter().flat_map(|p| p.chunks(RECORD_PLAINTEXT)) {
             let n = self
                 .transport
                 .write_message(self.nonce, chunk, &mut self.out[at + 2..])
                 .map_err(snow_err)?;
             self.nonce += 1;
             self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+            at += 2 + n;
         }
-        self.writer.write_all(&self.out).await?;
+        self.writer.write_all(&self.out[..at]).await?;
         self.writer.flush().await?;
         Ok(())
     }
@@ -418,6 +427,48 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     /// Closes the write side of the byte stream.
     pub async fn close(&mut self) -> io::Result<()> {
         self.writer.close().await
+    }
+}
+
+/// Frames gathered for one [`Sender::send_parts`]: heads and small payloads copied into a
+/// staging buffer, large payloads referred to where they lie.
+#[derive(Default)]
+pub struct Outgoing {
+    staged: Vec<u8>,
+    /// (offset in `staged`, item): the payload of that item goes at that offset.
+    cuts: Vec<(usize, usize)>,
+}
+
+impl Outgoing {
+    /// Payloads below this are copied; a copy costs less than a record of their own.
+    pub const INLINE: usize = 16 << 10;
+
+    pub fn clear(&mut self) {
+        self.staged.clear();
+        self.cuts.clear();
+    }
+
+    /// Where to encode frames and heads.
+    pub fn staged(&mut self) -> &mut Vec<u8> {
+        &mut self.staged
+    }
+
+    /// The payload of batch item `item` follows what was staged so far.
+    pub fn payload(&mut self, item: usize) {
+        self.cuts.push((self.staged.len(), item));
+    }
+
+    /// The parts to send, with `payload` giving each item's payload.
+    pub fn parts<'a>(&'a self, payload: impl Fn(usize) -> &'a [u8]) -> Vec<&'a [u8]> {
+        let mut parts = Vec::with_capacity(2 * self.cuts.len() + 1);
+        let mut start = 0;
+        for &(at, item) in &self.cuts {
+            parts.push(&self.staged[start..at]);
+            parts.push(payload(item));
+            start = at;
+        }
+        parts.push(&self.staged[start..]);
+        parts
     }
 }
 

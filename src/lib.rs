@@ -19,6 +19,7 @@ pub mod fuse;
 pub mod keys;
 pub mod mount;
 pub mod mount_options;
+pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod units;

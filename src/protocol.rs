@@ -268,10 +268,16 @@ pub fn encode_welcome(out: &mut Vec<u8>, w: &Welcome) {
 
 /// Appends a REQUEST frame to `out`. `data` is the payload of a WRITE, else empty.
 pub fn encode_request(out: &mut Vec<u8>, h: &RequestHeader, data: &[u8]) {
-    let start = begin_frame(out, KIND_REQUEST);
-    encode_request_header_body(out, h);
+    encode_request_head(out, h, data.len());
     out.extend_from_slice(data);
-    end_frame(out, start);
+}
+
+/// Appends the head of a REQUEST frame whose `payload` bytes the caller sends right after,
+/// from wherever they lie.
+pub fn encode_request_head(out: &mut Vec<u8>, h: &RequestHeader, payload: usize) {
+    out.extend_from_slice(&((1 + REQUEST_HEADER + payload) as u32).to_be_bytes());
+    out.push(KIND_REQUEST);
+    encode_request_header_body(out, h);
 }
 
 fn encode_request_header_body(out: &mut Vec<u8>, h: &RequestHeader) {
@@ -286,11 +292,16 @@ fn encode_request_header_body(out: &mut Vec<u8>, h: &RequestHeader) {
 
 /// Appends a REPLY frame to `out`. `data` is the data of a successful READ, else empty.
 pub fn encode_reply(out: &mut Vec<u8>, h: &ReplyHeader, data: &[u8]) {
-    let start = begin_frame(out, KIND_REPLY);
+    encode_reply_head(out, h, data.len());
+    out.extend_from_slice(data);
+}
+
+/// Appends the head of a REPLY frame whose `payload` bytes the caller sends right after.
+pub fn encode_reply_head(out: &mut Vec<u8>, h: &ReplyHeader, payload: usize) {
+    out.extend_from_slice(&((1 + REPLY_HEADER + payload) as u32).to_be_bytes());
+    out.push(KIND_REPLY);
     out.extend_from_slice(&h.txid.to_be_bytes());
     out.extend_from_slice(&h.status.to_be_bytes());
-    out.extend_from_slice(data);
-    end_frame(out, start);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -676,6 +687,29 @@ mod tests {
             buf.push(KIND_REQUEST);
             prop_assert!(matches!(frame_len(&buf, &LIMITS), Err(DecodeError::Malformed(_))));
         }
+    }
+
+    #[test]
+    fn heads_with_separate_payloads_equal_whole_frames() {
+        let h = RequestHeader {
+            op: Op::Write,
+            flags: FLAG_FUA,
+            txid: 9,
+            floor: 3,
+            offset: 4096,
+            length: 5,
+        };
+        let (mut whole, mut parts) = (Vec::new(), Vec::new());
+        encode_request(&mut whole, &h, b"abcde");
+        encode_request_head(&mut parts, &h, 5);
+        parts.extend_from_slice(b"abcde");
+        assert_eq!(whole, parts);
+        let r = ReplyHeader { txid: 9, status: 0 };
+        let (mut whole, mut parts) = (Vec::new(), Vec::new());
+        encode_reply(&mut whole, &r, b"xyz");
+        encode_reply_head(&mut parts, &r, 3);
+        parts.extend_from_slice(b"xyz");
+        assert_eq!(whole, parts);
     }
 
     #[test]

@@ -17,11 +17,11 @@ use event_listener::Event;
 use smol::future::FutureExt;
 use smol::net::TcpStream;
 
-use super::pool::Pool;
 use super::stats::Stats;
 use super::table::{Table, Tx, Window};
 use super::{ClientConfig, ClientError, Connection};
-use crate::channel::{Receiver, Sender};
+use crate::channel::{Outgoing, Receiver, Sender};
+use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Frame, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
 
 /// Transaction id of pings; they live outside the table and never reach the reply cache.
@@ -401,7 +401,10 @@ impl Inner {
             Err(status as i32)
         };
         let _ = tx.waiter.outcome.try_send(outcome);
-        self.pool.put(tx.data);
+        // Unless a resend of it is being encrypted right now, the buffer is free again.
+        if let Ok(data) = Arc::try_unwrap(tx.data) {
+            self.pool.put(data);
+        }
     }
 
     fn fail(&self, failed: Vec<(u64, Tx<Waiter>)>, errno: i32) {
@@ -581,29 +584,24 @@ impl Inner {
     }
 
     /// Sends queued transactions, batching all that are queued into one channel send.
+    /// Payloads are encrypted from the transactions' own buffers, outside the lock.
     async fn write_requests(&self, mut sender: Sender<TcpStream>, link: &Link) -> String {
-        let mut buf = Vec::new();
+        let mut batch = Vec::new();
+        let mut out = Outgoing::default();
         loop {
             let queued = self.queued.listen();
-            buf.clear();
-            if link.ping_due.swap(false, Ordering::SeqCst) {
-                let floor = self.state.lock().unwrap().table.floor();
-                let ping = RequestHeader {
-                    op: Op::Ping,
-                    flags: 0,
-                    txid: PING_TXID,
-                    floor,
-                    offset: 0,
-                    length: 0,
-                };
-                protocol::encode_request(&mut buf, &ping, &[]);
-            }
-            {
+            batch.clear();
+            let ping = link.ping_due.swap(false, Ordering::SeqCst);
+            let floor = {
                 let mut st = self.state.lock().unwrap();
                 let now = Instant::now();
-                while buf.len() < SEND_BATCH {
+                let mut bytes = 0;
+                while bytes < SEND_BATCH {
                     match st.table.next_to_send(now, self.timeout()) {
-                        Some((h, data)) => protocol::encode_request(&mut buf, &h, data),
+                        Some((h, data)) => {
+                            bytes += data.len() + protocol::REQUEST_HEADER;
+                            batch.push((h, data));
+                        }
                         None => break,
                     }
                 }
@@ -611,12 +609,34 @@ impl Inner {
                     // More than one batch: come straight back.
                     self.queued.notify(1);
                 }
-            }
-            if buf.is_empty() {
+                st.table.floor()
+            };
+            if batch.is_empty() && !ping {
                 queued.await;
                 continue;
             }
-            if let Err(e) = sender.send(&buf).await {
+            out.clear();
+            if ping {
+                let h = RequestHeader {
+                    op: Op::Ping,
+                    flags: 0,
+                    txid: PING_TXID,
+                    floor,
+                    offset: 0,
+                    length: 0,
+                };
+                protocol::encode_request(out.staged(), &h, &[]);
+            }
+            for (i, (h, data)) in batch.iter().enumerate() {
+                if data.len() < Outgoing::INLINE {
+                    protocol::encode_request(out.staged(), h, data);
+                } else {
+                    protocol::encode_request_head(out.staged(), h, data.len());
+                    out.payload(i);
+                }
+            }
+            let parts = out.parts(|i| batch[i].1.as_slice());
+            if let Err(e) = sender.send_parts(&parts).await {
                 return e.to_string();
             }
         }

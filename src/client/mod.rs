@@ -3,7 +3,6 @@
 //! top: many requests in flight, resends, reconnects and pings.
 
 pub mod engine;
-mod pool;
 pub mod stats;
 pub mod table;
 

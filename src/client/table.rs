@@ -3,6 +3,7 @@
 //! deadlines. Pure: time comes in as an argument, so the logic is tested without sockets.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Op, RequestHeader};
@@ -14,8 +15,8 @@ pub struct Tx<W> {
     pub flags: u8,
     pub offset: u64,
     pub length: u32,
-    /// The payload of a write, kept for resends.
-    pub data: Vec<u8>,
+    /// The payload of a write, kept for resends; shared with the sender while it encrypts.
+    pub data: Arc<Vec<u8>>,
     pub submitted: Instant,
     /// When it is resent (or failed) if no ack came.
     deadline: Instant,
@@ -40,7 +41,7 @@ impl<W> Tx<W> {
             flags,
             offset,
             length,
-            data,
+            data: Arc::new(data),
             submitted: now,
             deadline: now,
             resends: 0,
@@ -123,7 +124,7 @@ impl<W> Table<W> {
         &mut self,
         now: Instant,
         timeout: Duration,
-    ) -> Option<(RequestHeader, &[u8])> {
+    ) -> Option<(RequestHeader, Arc<Vec<u8>>)> {
         let floor = self.floor();
         // Skip what was acked or failed since it was queued.
         let id = loop {
@@ -142,7 +143,7 @@ impl<W> Table<W> {
             offset: tx.offset,
             length: tx.length,
         };
-        Some((h, &tx.data))
+        Some((h, tx.data.clone()))
     }
 
     pub fn has_queued(&self) -> bool {

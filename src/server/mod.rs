@@ -11,6 +11,7 @@ pub mod checksums;
 pub mod export;
 pub mod limits;
 pub mod reply_cache;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::io;
@@ -23,8 +24,9 @@ use std::time::{Duration, Instant};
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
 
-use crate::channel::{self, Cipher, Sender};
+use crate::channel::{self, Cipher, Outgoing, Sender};
 use crate::keys::{PrivateKey, PublicKey};
+use crate::pool::Pool;
 use crate::protocol::{
     self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
     SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
@@ -33,6 +35,7 @@ use auth::{AuthorizedKeys, Grant};
 use export::{Export, ExportSpec};
 use limits::{Slot, Tally};
 use reply_cache::{Admit, ReplyCache};
+use workers::Workers;
 
 /// Everything a server is started with.
 #[derive(Debug)]
@@ -76,6 +79,15 @@ impl Config {
 const NEGOTIATION_LIMITS: Limits = Limits {
     max_transfer: MAX_NEGOTIATION as u32,
 };
+/// Bytes of idle payload buffers kept for reuse.
+const POOL_BYTES: usize = 32 << 20;
+
+/// Threads for export I/O: one a core, at least two so that a slow flush does not hold up
+/// every write, at most eight.
+fn io_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
 /// Window space a request holds at least: what its reply costs to queue.
 const REPLY_COST: usize = 128;
 /// Replies batched into one channel send, at most.
@@ -101,6 +113,9 @@ struct Shared {
     per_key: Tally<PublicKey>,
     handshakes: Tally<IpAddr>,
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    workers: Workers,
+    /// Payload buffers: write data on its way to the disk, read data on its way out.
+    pool: Arc<Pool>,
     shutting_down: AtomicBool,
     stop: event_listener::Event,
     /// Requests executing on the blocking pool, over all sessions.
@@ -182,6 +197,9 @@ impl Server {
             per_key: Tally::new(cfg.max_connections_per_key),
             handshakes: Tally::new(cfg.max_handshakes_per_ip),
             sessions: Mutex::new(HashMap::new()),
+            workers: Workers::new(io_threads())
+                .map_err(|e| format!("cannot start I/O threads: {e}"))?,
+            pool: Arc::new(Pool::new(POOL_BYTES)),
             shutting_down: AtomicBool::new(false),
             stop: event_listener::Event::new(),
             executing: AtomicUsize::new(0),
@@ -312,7 +330,7 @@ impl Shared {
         );
         let (sink, replies) = smol::channel::unbounded();
         session.attach(conn, sink);
-        let writer = smol::spawn(write_replies(tx, replies));
+        let writer = smol::spawn(write_replies(tx, replies, self.pool.clone()));
         let why = self.read_requests(&session, conn, &mut rx).await;
         log::info!("{peer}: connection {conn} closed: {why}");
         session.detach(conn);
@@ -584,15 +602,21 @@ impl Shared {
                     continue;
                 }
             }
-            let data = data.to_vec();
+            let data = self.pool.copy_of(data);
             self.executing.fetch_add(1, Ordering::SeqCst);
             let (shared, session) = (self.clone(), session.clone());
             smol::spawn(async move {
                 let export = session.export.clone();
-                let (status, data) = smol::unblock(move || {
-                    export.execute(h.op, h.flags & FLAG_FUA != 0, h.offset, h.length, &data)
-                })
-                .await;
+                let (status, read, written) = shared
+                    .workers
+                    .run(move || {
+                        let fua = h.flags & FLAG_FUA != 0;
+                        let (status, read) = export.execute(h.op, fua, h.offset, h.length, &data);
+                        (status, read, data)
+                    })
+                    .await;
+                shared.pool.put(written);
+                let data = read;
                 session.complete(
                     h.txid,
                     Reply {
@@ -676,20 +700,41 @@ impl Session {
 }
 
 /// Encodes replies in batches and sends them; ends when the session lets go of the sink.
-async fn write_replies(mut tx: Sender<TcpStream>, replies: smol::channel::Receiver<Reply>) {
-    let mut buf = Vec::new();
+/// Read data is encrypted from its own buffer, which then goes back to the pool.
+async fn write_replies(
+    mut tx: Sender<TcpStream>,
+    replies: smol::channel::Receiver<Reply>,
+    pool: Arc<Pool>,
+) {
+    let mut batch = Vec::new();
+    let mut out = Outgoing::default();
     while let Ok(first) = replies.recv().await {
-        buf.clear();
+        batch.clear();
+        let mut bytes = 0;
         let mut next = Some(first);
         while let Some(r) = next {
-            protocol::encode_reply(&mut buf, &r.header, &r.data);
-            next = if buf.len() < REPLY_BATCH {
+            bytes += r.data.len() + protocol::REPLY_HEADER;
+            batch.push(r);
+            next = if bytes < REPLY_BATCH {
                 replies.try_recv().ok()
             } else {
                 None
             };
         }
-        if let Err(e) = tx.send(&buf).await {
+        out.clear();
+        for (i, r) in batch.iter().enumerate() {
+            if r.data.len() < Outgoing::INLINE {
+                protocol::encode_reply(out.staged(), &r.header, &r.data);
+            } else {
+                protocol::encode_reply_head(out.staged(), &r.header, r.data.len());
+                out.payload(i);
+            }
+        }
+        let sent = tx.send_parts(&out.parts(|i| &batch[i].data)).await;
+        for r in batch.drain(..) {
+            pool.put(r.data);
+        }
+        if let Err(e) = sent {
             log::debug!("sending replies failed: {e}");
             break;
         }

@@ -1,4 +1,4 @@
-//! A pool of payload buffers, so that a steady stream of writes reuses a few buffers
+//! A pool of payload buffers, so that a steady stream of requests reuses a few buffers
 //! instead of allocating (and, for large ones, mapping and unmapping) one per request.
 
 use std::sync::Mutex;
