@@ -70,6 +70,7 @@ impl Histogram {
         self.max_us
     }
 
+    #[cfg(test)]
     pub fn count(&self) -> u64 {
         self.total
     }

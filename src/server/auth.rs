@@ -81,10 +81,6 @@ impl AuthorizedKeys {
         self.entries.iter().find(|entry| entry.key == *key)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &AuthorizedKey> {
-        self.entries.iter()
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -76,6 +76,7 @@ impl ReplyCache {
     }
 
     /// Number of transactions still executing.
+    #[cfg(test)]
     pub fn executing(&self) -> usize {
         self.entries
             .values()
@@ -83,12 +84,10 @@ impl ReplyCache {
             .count()
     }
 
-    pub fn len(&self) -> usize {
+    /// Entries held: the client's window, at most the capacity.
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     fn raise_floor(&mut self, floor: u64) {
@@ -161,7 +160,7 @@ mod tests {
             c.complete(id, 0);
         }
         assert_eq!(c.admit(5, 4, false), Admit::Execute);
-        assert_eq!(c.len(), 2); // 4 and 5
+        assert_eq!(c.held(), 2); // 4 and 5
         assert_eq!(c.admit(2, 4, false), Admit::Stale);
         assert_eq!(c.admit(4, 4, false), Admit::Answer(0));
     }
@@ -185,7 +184,7 @@ mod tests {
             assert_eq!(c.admit(id, 0, false), Admit::Execute);
             c.complete(id, 0);
         }
-        assert!(c.len() <= 8);
+        assert!(c.held() <= 8);
         assert_eq!(c.admit(50, 0, false), Admit::Stale);
         assert_eq!(c.admit(100, 0, false), Admit::Answer(0));
     }
