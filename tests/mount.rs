@@ -5,278 +5,31 @@
 //!
 //! Every mount, loop device and process is held by a guard that undoes it on drop, so a
 //! failing test leaves nothing behind. Guards are declared in setup order and so dropped in
-//! reverse: filesystem, loop device, dst mount, server.
+//! reverse: filesystem, loop device, dst mount, server. The guards for dst mounts and loop
+//! devices are shared with other tests, in `common::mount`.
 
 mod common;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{allocated_blocks, pattern, ServerProcess, Setup};
+use common::mount::{
+    kill, mount_entry, mounted_type, run, unmount_quietly, wait_until, which, AlignedBuf, DstMount,
+    Loop,
+};
+use common::{allocated_blocks, pattern, Setup};
 
 const MIB: u64 = 1 << 20;
 
-/// Why this machine cannot run a test that needs `tools`, if it cannot.
-fn missing(tools: &[&str]) -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} is missing"));
-        }
-    }
-    tools
-        .iter()
-        .find(|t| which(t).is_none())
-        .map(|t| format!("{t} is not installed"))
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/sbin", "/usr/sbin", "/usr/local/sbin"])
-        .map(|dir| Path::new(dir).join(tool))
-        .find(|p| p.is_file());
-    found
-}
-
-macro_rules! require {
-    ($($tool:expr),* $(,)?) => {
-        if let Some(why) = missing(&[$($tool),*]) {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-}
-
-/// Runs a command to success; panics with its output otherwise.
-fn run(program: &str, args: &[&str]) -> String {
-    let out = output(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn output(program: &str, args: &[&str]) -> Output {
-    let path = which(program).unwrap_or_else(|| program.into());
-    Command::new(path)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-/// The fields of the /proc/mounts line of `dir`, the topmost if several.
-fn mount_entry(dir: &Path) -> Option<Vec<String>> {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-    let dir = dir.to_str().unwrap();
-    mounts
-        .lines()
-        .rev()
-        .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
-        .find(|f| f.len() > 3 && f[1] == dir)
-}
-
-/// The type of what is mounted at `dir`, if anything.
-fn mounted_type(dir: &Path) -> Option<String> {
-    mount_entry(dir).map(|f| f[2].clone())
-}
-
 fn mounted_options(dir: &Path) -> String {
     mount_entry(dir).map(|f| f[3].clone()).unwrap_or_default()
-}
-
-/// Unmounts `dir` if something is mounted there: normally, and lazily if it stays busy.
-fn unmount_quietly(dir: &Path) {
-    for _ in 0..50 {
-        if mounted_type(dir).is_none() {
-            return;
-        }
-        let _ = output("umount", &[dir.to_str().unwrap()]);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = output("umount", &["-l", dir.to_str().unwrap()]);
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn kill(pid: i32, signal: i32) {
-    // SAFETY: kill(2) on a PID this test started.
-    unsafe { libc::kill(pid, signal) };
-}
-
-/// A `dst-mount --foreground` child; on drop unmounts its directory and ends it by PID.
-struct DstMount {
-    child: Child,
-    dir: PathBuf,
-    log: Arc<Mutex<String>>,
-}
-
-impl DstMount {
-    /// Mounts export `disk` of `server` at `dir` with `extra` arguments; waits until mounted.
-    fn start(s: &Setup, server: &ServerProcess, dir: &Path, extra: &[&str]) -> DstMount {
-        let mut m = Self::spawn(s, server, dir, extra);
-        wait_until("the mount", Duration::from_secs(20), || {
-            m.log().contains("mounted ") || !m.running()
-        });
-        assert!(m.running(), "dst-mount exited:\n{}", m.log());
-        assert_eq!(
-            mounted_type(dir).as_deref(),
-            Some("fuse.dst"),
-            "{}",
-            m.log()
-        );
-        m
-    }
-
-    fn spawn(s: &Setup, server: &ServerProcess, dir: &Path, extra: &[&str]) -> DstMount {
-        fs::create_dir_all(dir).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dst-mount"))
-            .arg("--foreground")
-            .arg("--key")
-            .arg(s.path("client.key"))
-            .arg("--server-key")
-            .arg(s.path("server.key.pub"))
-            .args(extra)
-            .arg(format!("{}/disk", server.addr))
-            .arg(dir)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("dst-mount starts");
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        DstMount {
-            child,
-            dir: dir.to_path_buf(),
-            log,
-        }
-    }
-
-    fn file(&self) -> PathBuf {
-        self.dir.join("disk")
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dst-mount did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `umount DIR`, then waits for dst-mount to exit.
-    fn unmount(&mut self) -> ExitStatus {
-        run("umount", &[self.dir.to_str().unwrap()]);
-        self.wait()
-    }
-
-    fn signal(&mut self, signal: i32) -> ExitStatus {
-        kill(self.child.id() as i32, signal);
-        self.wait()
-    }
-}
-
-impl Drop for DstMount {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            unmount_quietly(&self.dir);
-            // Not waiting long: the unmount normally ends it; SIGKILL otherwise.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        unmount_quietly(&self.dir);
-        if std::thread::panicking() {
-            eprintln!("dst-mount log:\n{}", self.log());
-        }
-    }
-}
-
-/// A loop device; detached on drop.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn attach(file: &Path, args: &[&str]) -> Loop {
-        let mut all = args.to_vec();
-        all.extend(["-f", "--show", file.to_str().unwrap()]);
-        let dev = run("losetup", &all).trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-        Loop { dev }
-    }
-
-    /// A value from /sys/block/loopN/.
-    fn sys(&self, name: &str) -> String {
-        let base = self.dev.trim_start_matches("/dev/");
-        fs::read_to_string(format!("/sys/block/{base}/{name}"))
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        // Detach can fail briefly while a filesystem lets go of the device.
-        for _ in 0..50 {
-            if output("losetup", &["-d", &self.dev]).status.success() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not detach {}", self.dev);
-    }
 }
 
 /// A filesystem mounted from a device; unmounted on drop.
@@ -519,41 +272,6 @@ fn stats_counters_move() {
         .write(true)
         .open(m.dir.join(".stats"))
         .is_err());
-}
-
-/// A page-aligned buffer for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the buffer is owned and only read after construction.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(len: usize, seed: u64) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        // SAFETY: a non-zero-sized layout; the pointer is checked and freed in Drop.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        assert!(!ptr.is_null());
-        let buf = AlignedBuf { ptr, len };
-        // SAFETY: `ptr` holds `len` bytes.
-        unsafe { std::slice::from_raw_parts_mut(ptr, len) }.copy_from_slice(&pattern(len, seed));
-        buf
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, 4096).unwrap();
-        // SAFETY: allocated with this layout in `new`.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
 }
 
 /// SIGTERM while writers keep many writes in flight through a loop device with direct I/O

@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -35,15 +35,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Verify an image against its checksum table (PATH.dst-sum), with the export not
-    /// being served. Exits 1 if corrupt blocks are found, 2 if the scrub could not run
+    /// Verify an image against its checksum table (PATH.dst-sum, or TABLE given with
+    /// :checksums=TABLE), with the export not being served. Exits 1 if corrupt blocks are
+    /// found, 2 if the scrub could not run
     Scrub(ScrubArgs),
 }
 
 #[derive(clap::Args)]
 struct ScrubArgs {
-    /// The export, as given to the server (NAME=PATH; suffixes such as :ro are ignored)
-    #[arg(long = "export", value_name = "NAME=PATH")]
+    /// The export, as given to the server: NAME=PATH, plus :checksums=TABLE where the
+    /// server keeps the table there (other suffixes, such as :ro, are ignored)
+    #[arg(long = "export", value_name = "NAME=PATH[:checksums=TABLE]")]
     export: ExportSpec,
 
     /// Rebuild the table from the image's current contents, for an image known to be good
@@ -64,11 +66,12 @@ struct Args {
     authorized_keys: PathBuf,
 
     /// An export: NAME=PATH, a regular file or block device. Suffixes, in any order: :ro
-    /// for read-only, :checksums to keep per-block checksums in PATH.dst-sum. Repeat for
-    /// more exports
+    /// for read-only, :checksums to keep per-block checksums in PATH.dst-sum, or
+    /// :checksums=TABLE to keep them in the file TABLE (required for a block device).
+    /// Repeat for more exports
     #[arg(
         long = "export",
-        value_name = "NAME=PATH[:ro][:checksums]",
+        value_name = "NAME=PATH[:ro][:checksums[=TABLE]]",
         required = true
     )]
     exports: Vec<ExportSpec>,
@@ -221,14 +224,21 @@ fn run_scrub(args: ScrubArgs) -> ExitCode {
     let image_len = std::fs::File::open(&spec.path)
         .and_then(|f| checksums::image_size(&f))
         .unwrap_or(0);
+    let table = match spec.checksum_table_path() {
+        Ok(table) => table,
+        Err(e) => {
+            eprintln!("dst-server scrub: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let bar = progress_bar(image_len);
     let mut progress = |done: u64| bar.set_position(done);
     let result = if args.repair_table {
-        checksums::rebuild(&spec.path, &mut progress).map(|r| {
+        checksums::rebuild(&spec.path, &table, &mut progress).map(|r| {
             bar.finish_and_clear();
             println!(
                 "rebuilt checksum table {} from {} in {:.1?}: {} blocks of 4 KiB ({} zero)",
-                checksums::sidecar_path(&spec.path).display(),
+                table.display(),
                 spec.path.display(),
                 started.elapsed(),
                 r.blocks,
@@ -237,7 +247,7 @@ fn run_scrub(args: ScrubArgs) -> ExitCode {
             ExitCode::SUCCESS
         })
     } else {
-        scrub(spec, &mut progress).map(|report| {
+        scrub(spec, &table, &mut progress).map(|report| {
             bar.finish_and_clear();
             print_scrub(spec, &report, started.elapsed());
             if report.corrupt > 0 {
@@ -256,20 +266,25 @@ fn run_scrub(args: ScrubArgs) -> ExitCode {
 
 fn scrub(
     spec: &ExportSpec,
+    table_path: &Path,
     progress: &mut dyn FnMut(u64),
 ) -> Result<checksums::ScrubReport, String> {
-    let table_path = checksums::sidecar_path(&spec.path);
     if !table_path.exists() {
         return Err(format!(
             "{} has no checksum table ({} is missing); serve the export with :checksums to \
-             start one, or build one from the image with --repair-table",
+             start one, or build one from the image with --repair-table{}",
             spec.path.display(),
-            table_path.display()
+            table_path.display(),
+            if spec.checksum_table.is_none() {
+                "; if the server keeps it elsewhere, name it with :checksums=TABLE"
+            } else {
+                ""
+            }
         ));
     }
     let image =
         std::fs::File::open(&spec.path).map_err(|e| format!("{}: {e}", spec.path.display()))?;
-    let table = ChecksumTable::open(&spec.name, &spec.path, image, None)?;
+    let table = ChecksumTable::open(&spec.name, &spec.path, table_path, image, None)?;
     table
         .scrub(progress)
         .map_err(|e| format!("export '{}': scrub failed: {e}", spec.name))

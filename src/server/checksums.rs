@@ -2,7 +2,8 @@
 //! read and kept up to date by every write, trim and zeroing; its crash consistency
 //! against the data; recovery after an unclean shutdown; scrub and rebuild.
 //!
-//! This module owns the sidecar table `PATH.dst-sum` and everything about it. The export
+//! This module owns the table (the sidecar `PATH.dst-sum`, or the file an export names
+//! with `:checksums=TABLE`, which a block device must) and everything about it. The export
 //! ([`super::export`]) does the I/O on the image and hands each change here as a closure,
 //! so the order "dirty bit durable, then data, then checksum" is kept in one place.
 //!
@@ -131,11 +132,62 @@ pub fn verify(entry: u64, data: &[u8]) -> Verdict {
     }
 }
 
-/// The table that belongs to the image at `image`.
+/// The default place of the table of the image at `image`: beside it, `IMAGE.dst-sum`.
 pub fn sidecar_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(SUFFIX);
     PathBuf::from(s)
+}
+
+/// Where the table of export `name` (the image at `image`) lives: `table` when the
+/// export names one (`:checksums=TABLE`), else beside the image. A block device has no
+/// place beside it (that would be a file in `/dev`, a tmpfs lost at every boot), so it
+/// must name one. A table that is the image itself, or not a regular file, is refused.
+pub fn table_path(name: &str, image: &Path, table: Option<&Path>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Some(table) = table else {
+        let is_device = std::fs::metadata(image).is_ok_and(|m| m.file_type().is_block_device());
+        if is_device {
+            return Err(format!(
+                "export '{name}': {} is a block device, so its checksum table cannot be kept \
+                 beside it ({} would be in /dev, which is emptied at every boot); give the \
+                 table a place on a file system with :checksums=TABLE, e.g. \
+                 --export {name}={}:checksums=/var/lib/dst/{name}{SUFFIX}",
+                image.display(),
+                sidecar_path(image).display(),
+                image.display()
+            ));
+        }
+        return Ok(sidecar_path(image));
+    };
+    if let Ok(t) = std::fs::metadata(table) {
+        if !t.file_type().is_file() {
+            return Err(format!(
+                "export '{name}': checksum table {} is not a regular file; name a file for \
+                 the table, e.g. :checksums=/var/lib/dst/{name}{SUFFIX}",
+                table.display()
+            ));
+        }
+        let same = std::fs::metadata(image).is_ok_and(|i| (i.dev(), i.ino()) == (t.dev(), t.ino()));
+        if same {
+            return Err(format!(
+                "export '{name}': the checksum table {} is the image itself; name another file \
+                 for the table",
+                table.display()
+            ));
+        }
+    }
+    Ok(table.to_path_buf())
+}
+
+/// The `--export` argument that names this image and table, for the commands that
+/// messages suggest.
+pub fn export_arg(name: &str, image: &Path, table: &Path) -> String {
+    if table == sidecar_path(image) {
+        format!("{name}={}", image.display())
+    } else {
+        format!("{name}={}:checksums={}", image.display(), table.display())
+    }
 }
 
 /// Blocks of `offset..offset+len` (`len` > 0): first and last.
@@ -649,16 +701,19 @@ pub fn image_size(image: &File) -> io::Result<u64> {
 }
 
 impl ChecksumTable {
-    /// Opens the table of the image at `image_path` (creating it if missing), locks it
-    /// against other servers and scrubs, and recovers it after an unclean shutdown.
-    /// With `checkpoint`, a background thread makes checksums durable at that interval.
+    /// Opens the table at `table_path` (see [`table_path`]) of the image at `image_path`
+    /// (creating it if missing), locks it against other servers and scrubs, and recovers it
+    /// after an unclean shutdown. With `checkpoint`, a background thread makes checksums
+    /// durable at that interval.
     pub fn open(
         name: &str,
         image_path: &Path,
+        table_path: &Path,
         image: File,
         checkpoint: Option<Duration>,
     ) -> Result<ChecksumTable, String> {
-        let path = sidecar_path(image_path);
+        let path = table_path.to_path_buf();
+        let export = export_arg(name, image_path, &path);
         let size = image_size(&image).map_err(|e| format!("{}: {e}", image_path.display()))?;
         let ctx = |e: io::Error| format!("export '{name}': checksum table {}: {e}", path.display());
         if !path.exists() {
@@ -673,9 +728,8 @@ impl ChecksumTable {
                     "export '{name}': {} blocks hold data written before checksums were enabled; \
                      they are served unverified until rewritten. If the image is known to be good, \
                      protect them now: stop the server and run \
-                     `dst-server scrub --export {name}={} --repair-table`",
+                     `dst-server scrub --export {export} --repair-table`",
                     r.unverified,
-                    image_path.display()
                 );
             }
         }
@@ -699,8 +753,7 @@ impl ChecksumTable {
         file.read_exact_at(&mut header, 0).map_err(ctx)?;
         let repair = format!(
             "if the image's data is good, rebuild the table with \
-             `dst-server scrub --export {name}={} --repair-table`",
-            image_path.display()
+             `dst-server scrub --export {export} --repair-table`"
         );
         let layout = Layout::decode(&header).map_err(|why| {
             format!(
@@ -713,10 +766,9 @@ impl ChecksumTable {
             return Err(format!(
                 "export '{name}': {} is not the file checksum table {} was made for (it was \
                  replaced or copied since); if it is a new image, delete the table; if its data \
-                 is good, rebuild the table with `dst-server scrub --export {name}={} --repair-table`",
+                 is good, rebuild the table with `dst-server scrub --export {export} --repair-table`",
                 image_path.display(),
                 path.display(),
-                image_path.display()
             ));
         }
         if layout.image_size != size {
@@ -1306,16 +1358,19 @@ fn build(
     Ok(r)
 }
 
-/// `--repair-table`: replaces the table of the image at `image_path` with one built from
-/// the image's current contents, for an image known to be good. Refuses while a server
-/// or scrub holds the table.
-pub fn rebuild(image_path: &Path, progress: &mut dyn FnMut(u64)) -> Result<BuildReport, String> {
-    let path = sidecar_path(image_path);
+/// `--repair-table`: replaces the table at `path` (see [`table_path`]) of the image at
+/// `image_path` with one built from the image's current contents, for an image known to be
+/// good. Refuses while a server or scrub holds the table.
+pub fn rebuild(
+    image_path: &Path,
+    path: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<BuildReport, String> {
     let ctx = |e: io::Error| format!("checksum table {}: {e}", path.display());
     let image = File::open(image_path).map_err(|e| format!("{}: {e}", image_path.display()))?;
     let size = image_size(&image).map_err(|e| format!("{}: {e}", image_path.display()))?;
     // Hold the old table's lock while replacing it, so no server is using it.
-    let _old = match OpenOptions::new().read(true).write(true).open(&path) {
+    let _old = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => {
             lock(&f).map_err(|e| {
                 if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
@@ -1332,7 +1387,7 @@ pub fn rebuild(image_path: &Path, progress: &mut dyn FnMut(u64)) -> Result<Build
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(ctx(e)),
     };
-    build(&image, size, &path, true, progress).map_err(ctx)
+    build(&image, size, path, true, progress).map_err(ctx)
 }
 
 #[cfg(test)]
@@ -1603,11 +1658,46 @@ mod tests {
     }
 
     #[test]
+    fn table_paths_default_beside_the_image_and_refuse_unsound_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, _) = image(dir.path(), &[], 1 << 20);
+        let beside = table_path("d", &img, None).unwrap();
+        assert_eq!(beside, dir.path().join("img.dst-sum"));
+        assert_eq!(
+            export_arg("d", &img, &beside),
+            format!("d={}", img.display())
+        );
+        let other = dir.path().join("elsewhere.sum");
+        assert_eq!(table_path("d", &img, Some(&other)).unwrap(), other);
+        assert_eq!(
+            export_arg("d", &img, &other),
+            format!("d={}:checksums={}", img.display(), other.display())
+        );
+        let err = table_path("d", &img, Some(&img)).unwrap_err();
+        assert!(err.contains("is the image itself"), "{err}");
+        let err = table_path("d", &img, Some(Path::new("/dev/null"))).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        // A block device must name its table's place (where this machine has one).
+        use std::os::unix::fs::FileTypeExt;
+        let dev = Path::new("/dev/loop0");
+        if std::fs::metadata(dev).is_ok_and(|m| m.file_type().is_block_device()) {
+            let err = table_path("d", dev, None).unwrap_err();
+            assert!(err.contains("is a block device"), "{err}");
+            assert!(err.contains(":checksums=/var/lib/dst/d.dst-sum"), "{err}");
+            assert_eq!(table_path("d", dev, Some(&other)).unwrap(), other);
+        }
+    }
+
+    #[test]
     fn table_round_trip_on_files_with_recovery_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let size = 40 << 20; // 3 regions of 16 MiB, the last one short
         let (path, img) = image(dir.path(), &[(8 << 20, &[5u8; 4096])], size);
-        let t = ChecksumTable::open("t", &path, img.try_clone().unwrap(), None).unwrap();
+        // Placed elsewhere (`:checksums=TABLE`): all the same, whatever the name.
+        let table = dir.path().join("t.sum");
+        let open = || ChecksumTable::open("t", &path, &table, img.try_clone().unwrap(), None);
+        let t = open().unwrap();
+        assert!(!sidecar_path(&path).exists());
         // A fresh table: holes are zero, data blocks unverified.
         assert_eq!(t.inner.entry(0), ZERO);
         assert_eq!(t.inner.entry(2048), UNVERIFIED);
@@ -1646,14 +1736,9 @@ mod tests {
         write(&t, 5 * 4096, &[6u8; 4096]); // region 0 dirty again
         img.write_all_at(&[7u8; 4096], 6 * 4096).unwrap();
         img.write_all_at(&[8u8; 1], (20 << 20) + 1).unwrap();
-        assert!(
-            ChecksumTable::open("t", &path, img.try_clone().unwrap(), None)
-                .unwrap_err()
-                .contains("in use"),
-            "locked while open"
-        );
+        assert!(open().unwrap_err().contains("in use"), "locked while open");
         drop(t);
-        let t = ChecksumTable::open("t", &path, img.try_clone().unwrap(), None).unwrap();
+        let t = open().unwrap();
         // Blocks 2 (flipped earlier) and 6 are in the dirty region: unverified, served.
         assert_eq!(t.recovered(), 2);
         assert_eq!(t.read(6 * 4096, 4096).unwrap(), vec![7u8; 4096]);
@@ -1678,12 +1763,12 @@ mod tests {
         drop(t);
 
         // A clean close needs no recovery; a rebuilt table accepts the rot.
-        let t = ChecksumTable::open("t", &path, img.try_clone().unwrap(), None).unwrap();
+        let t = open().unwrap();
         assert_eq!(t.recovered(), 0);
         drop(t);
-        let r = rebuild(&path, &mut |_| {}).unwrap();
+        let r = rebuild(&path, &table, &mut |_| {}).unwrap();
         assert_eq!(r.blocks, 10240);
-        let t = ChecksumTable::open("t", &path, img.try_clone().unwrap(), None).unwrap();
+        let t = open().unwrap();
         assert!(t.read(20 << 20, 4096).is_ok());
         let report = t.scrub(&mut |_| {}).unwrap();
         assert_eq!((report.corrupt, report.unverified), (0, 0));

@@ -1,6 +1,7 @@
 //! One export: a regular file or block device on the export node, and the blocking I/O
 //! on it. Requests reach here already checked against the export's size and access.
-//! With `:checksums`, reads and changes go through the export's [`ChecksumTable`].
+//! With `:checksums` (or `:checksums=TABLE`), reads and changes go through the export's
+//! [`ChecksumTable`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -13,16 +14,31 @@ use std::time::Duration;
 use super::checksums::{self, ChecksumTable};
 use crate::protocol::{Op, SessionId};
 
-/// How an export is given on the command line: `NAME=PATH[:ro][:checksums]`.
+/// How an export is given on the command line: `NAME=PATH[:ro][:checksums[=TABLE]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
     pub path: PathBuf,
     pub read_only: bool,
-    /// Keep a per-block checksum table beside the image (`PATH.dst-sum`).
+    /// Keep a per-block checksum table: in `checksum_table`, or beside the image
+    /// (`PATH.dst-sum`).
     pub checksums: bool,
+    /// Where the checksum table is kept, when given (`:checksums=TABLE`); a block device
+    /// needs this.
+    pub checksum_table: Option<PathBuf>,
     /// How often the checksum table is made durable (not part of the spec's text).
     pub checksum_checkpoint: Duration,
+}
+
+/// The form of an export on the command line, for messages.
+const FORM: &str = "NAME=PATH[:ro][:checksums[=TABLE]]";
+
+impl ExportSpec {
+    /// Where this export's checksum table is, or why it cannot be anywhere (see
+    /// [`checksums::table_path`]).
+    pub fn checksum_table_path(&self) -> Result<PathBuf, String> {
+        checksums::table_path(&self.name, &self.path, self.checksum_table.as_deref())
+    }
 }
 
 impl std::str::FromStr for ExportSpec {
@@ -30,14 +46,23 @@ impl std::str::FromStr for ExportSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let (name, mut path) = s
             .split_once('=')
-            .ok_or_else(|| format!("export '{s}' is not NAME=PATH[:ro][:checksums]"))?;
-        let (mut read_only, mut checksums) = (false, false);
-        // Suffixes in any order, each at most once.
+            .ok_or_else(|| format!("export '{s}' is not {FORM}"))?;
+        let (mut read_only, mut checksums, mut table) = (false, false, None);
+        // Suffixes in any order, each at most once; `:checksums=TABLE` takes the rest of
+        // the text up to a following `:ro`.
         loop {
             if let Some(p) = path.strip_suffix(":ro").filter(|_| !read_only) {
                 (path, read_only) = (p, true);
             } else if let Some(p) = path.strip_suffix(":checksums").filter(|_| !checksums) {
                 (path, checksums) = (p, true);
+            } else if let Some((p, t)) = path.rsplit_once(":checksums=").filter(|_| !checksums) {
+                if t.is_empty() {
+                    return Err(format!(
+                        "export '{name}': :checksums= names no file; use :checksums=TABLE, or \
+                         :checksums for a table beside the image"
+                    ));
+                }
+                (path, checksums, table) = (p, true, Some(PathBuf::from(t)));
             } else {
                 break;
             }
@@ -53,15 +78,14 @@ impl std::str::FromStr for ExportSpec {
             ));
         }
         if path.is_empty() {
-            return Err(format!(
-                "export '{name}' has no path; use NAME=PATH[:ro][:checksums]"
-            ));
+            return Err(format!("export '{name}' has no path; use {FORM}"));
         }
         Ok(ExportSpec {
             name: name.into(),
             path: path.into(),
             read_only,
             checksums,
+            checksum_table: table,
             checksum_checkpoint: checksums::DEFAULT_CHECKPOINT,
         })
     }
@@ -141,10 +165,12 @@ impl Export {
             Some(open(libc::O_DSYNC).map_err(ctx)?)
         };
         let checksums = if spec.checksums {
+            let table = spec.checksum_table_path()?;
             let image = file.try_clone().map_err(ctx)?;
             Some(ChecksumTable::open(
                 &spec.name,
                 path,
+                &table,
                 image,
                 Some(spec.checksum_checkpoint),
             )?)
@@ -339,8 +365,30 @@ mod tests {
         // A suffix given twice is left in the path, as a path ending in it would be.
         assert_eq!(p("d=/x:ro:ro").unwrap().path.to_str(), Some("/x:ro"));
         assert!(p("d=:checksums").unwrap_err().contains("no path"));
-        assert!(p("nopath")
-            .unwrap_err()
-            .contains("NAME=PATH[:ro][:checksums]"));
+        assert!(p("nopath").unwrap_err().contains(FORM));
+        assert_eq!(d.checksum_table, None);
+        // A table placed elsewhere: the rest of the text, up to a `:ro` after it.
+        for s in [
+            "d=/dev/sdb:checksums=/var/lib/dst/d.sum",
+            "d=/dev/sdb:ro:checksums=/var/lib/dst/d.sum",
+            "d=/dev/sdb:checksums=/var/lib/dst/d.sum:ro",
+        ] {
+            let d = p(s).unwrap();
+            assert!(d.checksums, "{s}");
+            assert_eq!(d.path.to_str(), Some("/dev/sdb"), "{s}");
+            assert_eq!(
+                d.checksum_table.as_deref(),
+                Some(std::path::Path::new("/var/lib/dst/d.sum")),
+                "{s}"
+            );
+            assert_eq!(d.read_only, s.contains(":ro"), "{s}");
+        }
+        assert!(p("d=/x:checksums=").unwrap_err().contains("names no file"));
+        // Both forms at once: the second is left in the path, as with other repeats.
+        let d = p("d=/x:checksums:checksums=/t").unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.checksum_table),
+            (Some("/x:checksums"), Some("/t".into()))
+        );
     }
 }

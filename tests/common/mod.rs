@@ -1,8 +1,10 @@
 //! Test support: keys in a temporary directory and real `dst-server` processes on
-//! 127.0.0.1, ended by PID when dropped.
+//! 127.0.0.1, ended by PID when dropped; `mount` has the guards for real dst mounts and
+//! loop devices (as root).
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod mount;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader};
