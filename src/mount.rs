@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::channel::Cipher;
 use crate::client::engine::{Engine, EngineConfig};
@@ -22,7 +23,42 @@ use crate::protocol::Access;
 /// The transfer size asked for when none is given; the server may agree to less.
 pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
 
-/// The engine settings of a request: its options where given, the engine's defaults elsewhere.
+/// Resend and ping settings chosen together (`fail_fast`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Profile {
+    pub resend_timeout: Duration,
+    pub resend_count: u32,
+    pub ping_interval: Duration,
+}
+
+impl Profile {
+    /// How long a transaction waits at most before it fails with EIO when nothing answers:
+    /// the first send and every resend each wait a resend timeout.
+    pub fn give_up_after(&self) -> Duration {
+        self.resend_timeout * (self.resend_count + 1)
+    }
+}
+
+/// The default profile: a dead or unreachable export node surfaces as EIO only after
+/// 5 s x 13 = 65 s, so a restarted server or a short network outage is ridden out.
+pub const DEFAULT_PROFILE: Profile = Profile {
+    resend_timeout: EngineConfig::DEFAULT_RESEND_TIMEOUT,
+    resend_count: EngineConfig::DEFAULT_RESEND_COUNT,
+    ping_interval: EngineConfig::DEFAULT_PING_INTERVAL,
+};
+
+/// The `fail_fast` profile, for a member of an array (btrfs RAID1, md, LVM mirrors): I/O
+/// to a dead export node fails with EIO after 1 s x 4 = 4 s, a lost connection is noticed
+/// within 2 s, and the array carries on degraded instead of stalling for a minute.
+pub const FAIL_FAST: Profile = Profile {
+    resend_timeout: Duration::from_secs(1),
+    resend_count: 3,
+    ping_interval: Duration::from_secs(1),
+};
+
+/// The engine settings of a request: its options where given, then the profile it chose
+/// (`fail_fast`), then the engine's defaults. Explicit resend and ping settings win over
+/// the profile, wherever they were given (fstab, `-o` or flags).
 pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey) -> EngineConfig {
     let o = &req.options;
     let mut cfg = EngineConfig::new(ClientConfig {
@@ -38,6 +74,14 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
         },
         max_transfer: o.max_transfer.unwrap_or(DEFAULT_MAX_TRANSFER),
     });
+    let profile = if o.fail_fast == Some(true) {
+        FAIL_FAST
+    } else {
+        DEFAULT_PROFILE
+    };
+    cfg.resend_timeout = profile.resend_timeout;
+    cfg.resend_count = profile.resend_count;
+    cfg.ping_interval = profile.ping_interval;
     if let Some(v) = o.resend_timeout {
         cfg.resend_timeout = v;
     }
@@ -54,6 +98,25 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
         cfg.window_bytes = v;
     }
     cfg
+}
+
+/// The resend settings in effect, for the log: what an operator needs to know about when
+/// an outage turns into I/O errors.
+fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
+    let give_up = Profile {
+        resend_timeout: cfg.resend_timeout,
+        resend_count: cfg.resend_count,
+        ping_interval: cfg.ping_interval,
+    }
+    .give_up_after();
+    format!(
+        "{} profile: resend timeout {:?}, resend count {}, ping interval {:?}; \
+         I/O fails with EIO after {give_up:?} without an answer",
+        if fail_fast { "fail-fast" } else { "default" },
+        cfg.resend_timeout,
+        cfg.resend_count,
+        cfg.ping_interval,
+    )
 }
 
 /// Loads the keys a request names; the messages say which option to fix.
@@ -183,6 +246,7 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     let source = req.source.to_string();
+    let resends = resend_summary(&cfg, req.options.fail_fast == Some(true));
     // Connecting can take long (an unreachable host); a signal meanwhile gives up.
     let engine = smol::block_on(smol::future::or(
         async { Engine::start(cfg).await.map_err(|e| e.to_string()) },
@@ -248,6 +312,7 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
         mountpoint.display(),
         std::process::id()
     );
+    log::info!("{resends}");
     if let Some(report) = ready {
         // Not fatal: the mount works; the parent then says the process ended early.
         let _ = report.write_all(&[REPORT_READY]);
@@ -389,4 +454,165 @@ pub fn fstab_path() -> PathBuf {
     std::env::var_os("DST_FSTAB")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/etc/fstab"))
+}
+
+/// `dst-mount --status MOUNTPOINT`: the live counters of a dst mount, for people. An error
+/// when MOUNTPOINT is not a dst mount, or when its dst-mount no longer serves it.
+pub fn status(mountpoint: &Path) -> Result<String, String> {
+    let shown = mountpoint.display();
+    // A mount whose dst-mount has died cannot be resolved (ENOTCONN): take the path as given.
+    let path = mountpoint
+        .canonicalize()
+        .or_else(|_| std::path::absolute(mountpoint))
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| format!("cannot read /proc/self/mounts: {e}"))?;
+    let entry = crate::mount_options::find_mount(&mounts, &path)
+        .filter(|e| e.fstype == "fuse.dst")
+        .ok_or_else(|| format!("{shown} is not a dst mount"))?;
+    let stats = path.join(fuse::STATS_NAME);
+    let text = std::fs::read_to_string(&stats).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            format!(
+                "{shown}: the dst-mount serving {} is gone ({e}); unmount it: umount -l {shown}",
+                entry.source
+            )
+        } else {
+            format!("cannot read {}: {e}", stats.display())
+        }
+    })?;
+    Ok(format_status(&entry.source, &path, &text))
+}
+
+/// The `.stats` text for people: a heading, then one aligned line per counter with units.
+/// Counters it does not know are shown by the same rules (`_us` is a latency, a name with
+/// `bytes` is a size), so new ones need no change here.
+pub fn format_status(source: &str, mountpoint: &Path, stats: &str) -> String {
+    let rows: Vec<(String, String)> = stats
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| match line.split_once(' ') {
+            Some((name, value)) => (label(name), human_value(name, value.trim())),
+            None => (line.to_string(), String::new()),
+        })
+        .collect();
+    let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let mut out = format!("{}: {source}\n", mountpoint.display());
+    for (label, value) in rows {
+        out.push_str(format!("  {label:<width$}  {value}").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn label(name: &str) -> String {
+    name.strip_suffix("_us").unwrap_or(name).replace('_', " ")
+}
+
+fn human_value(name: &str, value: &str) -> String {
+    let Ok(n) = value.parse::<u64>() else {
+        return value.to_string();
+    };
+    if name == "connected" {
+        return if n == 0 { "no".into() } else { "yes".into() };
+    }
+    if name.ends_with("_us") {
+        return format!("{:.2} ms", n as f64 / 1000.0);
+    }
+    if name.contains("bytes") {
+        return human_bytes(n);
+    }
+    n.to_string()
+}
+
+/// Bytes with a binary unit: `512 B`, `1.5 KiB`, `44.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount_options::{resolve, Invocation};
+
+    fn config(args: &[&str]) -> EngineConfig {
+        let mut inv = Invocation {
+            positional: vec!["node1/disk".into(), "/mnt/r".into()],
+            ..Invocation::default()
+        };
+        inv.option_strings = args.iter().map(|s| s.to_string()).collect();
+        let req = resolve(inv, || unreachable!()).unwrap();
+        let key = crate::keys::generate();
+        let server_key = crate::keys::generate().public();
+        engine_config(&req, key, server_key)
+    }
+
+    fn profile(cfg: &EngineConfig) -> Profile {
+        Profile {
+            resend_timeout: cfg.resend_timeout,
+            resend_count: cfg.resend_count,
+            ping_interval: cfg.ping_interval,
+        }
+    }
+
+    #[test]
+    fn profiles() {
+        assert_eq!(profile(&config(&[])), DEFAULT_PROFILE);
+        assert_eq!(DEFAULT_PROFILE.give_up_after(), Duration::from_secs(65));
+        assert_eq!(profile(&config(&["fail_fast"])), FAIL_FAST);
+        assert_eq!(FAIL_FAST.give_up_after(), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn explicit_settings_win_over_the_profile() {
+        // From any layer: here the profile comes later than the explicit setting.
+        let cfg = config(&["resend_count=7", "fail_fast,ping_interval=300ms"]);
+        assert_eq!(cfg.resend_timeout, FAIL_FAST.resend_timeout);
+        assert_eq!(cfg.resend_count, 7);
+        assert_eq!(cfg.ping_interval, Duration::from_millis(300));
+        let cfg = config(&["resend_timeout=10s"]);
+        assert_eq!(cfg.resend_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.resend_count, DEFAULT_PROFILE.resend_count);
+    }
+
+    #[test]
+    fn status_is_aligned_with_units() {
+        let stats = "connected 0\nin_flight 3\nin_flight_bytes 12288\nrequests 398\n\
+                     bytes_written 46710784\nlatency_p50_us 294911\nlatency_max_us 440\n\
+                     some_future_counter 7\nnovalue\nfuse_in_progress 4\n";
+        let out = format_status("node1:7700/disk", Path::new("/mnt/r"), stats);
+        let want = "\
+/mnt/r: node1:7700/disk
+  connected            no
+  in flight            3
+  in flight bytes      12.0 KiB
+  requests             398
+  bytes written        44.5 MiB
+  latency p50          294.91 ms
+  latency max          0.44 ms
+  some future counter  7
+  novalue
+  fuse in progress     4
+";
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn bytes_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
 }

@@ -151,6 +151,9 @@ pub struct Options {
     pub window_requests: Option<usize>,
     pub window_bytes: Option<usize>,
     pub max_transfer: Option<u32>,
+    /// The fail-fast profile for array members (see `crate::mount::FAIL_FAST`): a short
+    /// resend window; explicit resend and ping settings still win over it.
+    pub fail_fast: Option<bool>,
     pub foreground: Option<bool>,
     pub log_file: Option<PathBuf>,
 }
@@ -158,7 +161,8 @@ pub struct Options {
 /// The options dst understands, as shown when refusing an unknown one.
 pub const KNOWN_OPTIONS: &str = "key=FILE, server_key=FILE|BASE64, cipher=chachapoly|aesgcm, \
      ro, rw, resend_timeout=DURATION, resend_count=N, ping_interval=DURATION, \
-     window_requests=N, window_bytes=SIZE, max_transfer=SIZE, foreground, log_file=FILE; \
+     window_requests=N, window_bytes=SIZE, max_transfer=SIZE, fail_fast, foreground, \
+     log_file=FILE; \
      ignored (for mount(8) and systemd): defaults, auto, noauto, user, nouser, users, \
      _netdev, nofail, comment=..., x-*, and the generic flags \
      suid, nosuid, dev, nodev, exec, noexec, sync, async, atime, noatime, relatime, ...";
@@ -272,6 +276,7 @@ impl Options {
                     })?)
             }
             "max_transfer" => self.max_transfer = Some(transfer(need(value)?)?),
+            "fail_fast" => self.fail_fast = Some(flag(value)?),
             "foreground" => self.foreground = Some(flag(value)?),
             "log_file" => self.log_file = Some(PathBuf::from(need(value)?)),
             _ => return Err(SetError::Unknown),
@@ -292,6 +297,7 @@ impl Options {
             window_requests: over.window_requests.or(self.window_requests),
             window_bytes: over.window_bytes.or(self.window_bytes),
             max_transfer: over.max_transfer.or(self.max_transfer),
+            fail_fast: over.fail_fast.or(self.fail_fast),
             foreground: over.foreground.or(self.foreground),
             log_file: over.log_file.or(self.log_file),
         }
@@ -466,6 +472,29 @@ pub fn resolve(
     })
 }
 
+/// One line of the kernel's mount table (`/proc/self/mounts`), its fields unescaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub source: String,
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+}
+
+/// What is mounted at `mountpoint` according to `mounts` (the text of /proc/self/mounts):
+/// the topmost of several mounts on one directory, which is the last line.
+pub fn find_mount(mounts: &str, mountpoint: &Path) -> Option<MountEntry> {
+    let want = normalize(mountpoint);
+    mounts.lines().rev().find_map(|line| {
+        let mut fields = line.split_whitespace().map(unescape);
+        let (source, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (normalize(Path::new(&dir)) == want).then(|| MountEntry {
+            source,
+            mountpoint: PathBuf::from(dir),
+            fstype,
+        })
+    })
+}
+
 /// A mount point compared without trailing slashes or `.` components.
 fn normalize(path: &Path) -> PathBuf {
     path.components().collect()
@@ -563,6 +592,40 @@ mod tests {
         assert_eq!(o.max_transfer, Some(256 << 10));
         assert_eq!(o.foreground, Some(true));
         assert_eq!(o.log_file, Some(PathBuf::from("/var/log/dst.log")));
+    }
+
+    #[test]
+    fn fail_fast_is_a_flag_that_layers() {
+        for text in ["fail_fast", "fail-fast"] {
+            let (o, _) = Options::parse(text, false).unwrap();
+            assert_eq!(o.fail_fast, Some(true), "{text}");
+        }
+        let e = Options::parse("fail_fast=1", false).unwrap_err();
+        assert!(e.contains("takes no value"), "{e}");
+        let (fstab, _) = Options::parse("fail_fast,resend_timeout=3s", false).unwrap();
+        let o = fstab.over(Options::parse("resend_count=5", false).unwrap().0);
+        assert_eq!(o.fail_fast, Some(true));
+        assert_eq!(o.resend_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(o.resend_count, Some(5));
+        assert!(KNOWN_OPTIONS.contains("fail_fast"));
+    }
+
+    #[test]
+    fn mounts_are_found_topmost_first() {
+        let mounts = "\
+/dev/vda / ext4 rw,relatime 0 0
+node1:7700/disk /mnt/remote fuse.dst rw,nosuid,nodev 0 0
+node2:7700/disk /mnt/with\\040space fuse.dst rw 0 0
+tmpfs /mnt/remote tmpfs rw 0 0
+";
+        let e = find_mount(mounts, Path::new("/mnt/remote/")).unwrap();
+        assert_eq!((e.source.as_str(), e.fstype.as_str()), ("tmpfs", "tmpfs"));
+        let e = find_mount(mounts, Path::new("/mnt/with space")).unwrap();
+        assert_eq!(e.source, "node2:7700/disk");
+        assert_eq!(e.mountpoint, PathBuf::from("/mnt/with space"));
+        assert_eq!(e.fstype, "fuse.dst");
+        assert_eq!(find_mount(mounts, Path::new("/mnt")), None);
+        assert_eq!(find_mount("garbage\n", Path::new("/")), None);
     }
 
     #[test]

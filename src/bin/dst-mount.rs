@@ -19,12 +19,21 @@ use dst::units::{parse_duration, parse_size};
 #[derive(Parser)]
 #[command(
     version,
-    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)"
+    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)\n       dst-mount --status MOUNTPOINT"
 )]
 struct Args {
     /// [SOURCE] MOUNTPOINT
-    #[arg(value_name = "SOURCE|MOUNTPOINT", num_args = 1..=2, required = true)]
+    #[arg(
+        value_name = "SOURCE|MOUNTPOINT",
+        num_args = 1..=2,
+        required_unless_present = "status"
+    )]
     positional: Vec<String>,
+
+    /// Print the live counters of the dst mount at MOUNTPOINT (its .stats) for people, and
+    /// exit; exits with 1 if MOUNTPOINT is not a dst mount or its dst-mount is gone
+    #[arg(long, value_name = "MOUNTPOINT", exclusive = true)]
+    status: Option<PathBuf>,
 
     /// The export node, HOST[:PORT]
     #[arg(long, value_name = "HOST[:PORT]")]
@@ -75,6 +84,13 @@ struct Args {
     #[arg(long, value_name = "SIZE", value_parser = parse_max_transfer)]
     max_transfer: Option<u32>,
 
+    /// For a member of an array (RAID1, md, LVM): fail I/O to a dead export node with EIO
+    /// after about 4 s (resend timeout 1s, resend count 3, ping interval 1s) instead of
+    /// riding out a minute of outage; --resend-timeout, --resend-count and --ping-interval
+    /// still win
+    #[arg(long)]
+    fail_fast: bool,
+
     /// Stay in the foreground and log to stderr
     #[arg(long)]
     foreground: bool,
@@ -118,6 +134,7 @@ impl Args {
                 window_requests: self.window_requests,
                 window_bytes,
                 max_transfer: self.max_transfer,
+                fail_fast: self.fail_fast.then_some(true),
                 foreground: self.foreground.then_some(true),
                 log_file: self.log_file,
             },
@@ -132,6 +149,18 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .init();
     let args = Args::parse();
+    if let Some(mountpoint) = &args.status {
+        return match dst::mount::status(mountpoint) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dst-mount: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
