@@ -104,9 +104,7 @@ fn addresses(text: &str) {
         Ok(source) => {
             check_server(&source.server);
             assert!(check_export_name(&source.export).is_ok());
-            if prints_back(&source.server) {
-                assert_eq!(source.to_string().parse::<Source>(), Ok(source));
-            }
+            assert_eq!(source.to_string().parse::<Source>(), Ok(source));
         }
         Err(e) => assert!(
             e.starts_with("source '") || e.starts_with("server '"),
@@ -119,16 +117,7 @@ fn check_server(s: &Server) {
     assert!(!s.host.is_empty() && s.port != 0);
     assert!(!s.host.contains(|c: char| c.is_whitespace() || c == '/'));
     assert_eq!(s.to_string(), s.address());
-    if prints_back(s) {
-        assert_eq!(s.address().parse::<Server>().as_ref(), Ok(s));
-    }
-}
-
-/// Known gap, reported: `[[x]` parses to host `[x`, printed `[x:7700`, which does not parse
-/// (a host that starts with '[' but has no ':' is not bracketed when printed). Drop this
-/// exception once the parser refuses '[' inside the brackets.
-fn prints_back(s: &Server) -> bool {
-    !s.host.starts_with('[') || s.host.contains(':')
+    assert_eq!(s.address().parse::<Server>().as_ref(), Ok(s));
 }
 
 /// fstab text, looked up by the mount point of its first line and by a fixed one.
