@@ -354,3 +354,55 @@ fn proxy_stall_longer_than_the_resend_budget_fails_with_eio() {
         .expect("service resumes after the stall");
     smol::block_on(engine.close());
 }
+
+#[test]
+fn a_node_down_longer_than_the_resend_budget_fails_new_requests_at_once() {
+    let s = Setup::new();
+    let args = ["--export", "disk=disk.img", "--create-size", "16M"];
+    let mut server = s.server(&args);
+    let addr = server.addr;
+    let mut cfg = engine_config(s.client(&server, "disk", Access::ReadWrite));
+    cfg.resend_timeout = Duration::from_millis(200);
+    cfg.resend_count = 2; // about 0.6 s in all
+    cfg.ping_interval = Duration::from_millis(200);
+    let engine = smol::block_on(Engine::start(cfg)).unwrap();
+    server.stop(libc::SIGKILL);
+
+    let start = Instant::now();
+    assert_eq!(
+        smol::block_on(engine.write(0, &pattern(4096, 1), false)),
+        Err(libc::EIO)
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "the first waits out its resends"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let start = Instant::now();
+    assert_eq!(
+        smol::block_on(engine.write(0, &pattern(4096, 2), false)),
+        Err(libc::EIO)
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(150),
+        "later ones fail at once: {:?}",
+        start.elapsed()
+    );
+
+    // The node comes back: the engine reconnects by itself and requests succeed again.
+    let _server = s.server_at(addr, &args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while smol::block_on(engine.write(0, &pattern(4096, 3), false)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no reconnect: {}",
+            engine.stats()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        smol::block_on(engine.read(0, 4096)).unwrap(),
+        pattern(4096, 3)
+    );
+    smol::block_on(engine.close());
+}

@@ -115,6 +115,8 @@ struct State {
     /// The export node rebooted while acked changes were not flushed: the next flush
     /// reports EIO, as a disk that lost its write cache would.
     lost_unflushed: bool,
+    /// Since when the engine has had no connection, if it has none.
+    down_since: Option<Instant>,
 }
 
 /// State of one connection, shared by its writer, reader and watchdog.
@@ -147,6 +149,7 @@ impl Engine {
                 flushed_changes: 0,
                 boot_id: info.boot_id.clone(),
                 lost_unflushed: false,
+                down_since: None,
             }),
             cfg,
             info,
@@ -312,6 +315,11 @@ impl Inner {
         self.cfg.resend_timeout
     }
 
+    /// How long a transaction waits in all before it fails.
+    fn resend_budget(&self) -> Duration {
+        self.cfg.resend_timeout * (self.cfg.resend_count + 1)
+    }
+
     /// Enters a transaction once the window has room; returns where its outcome arrives.
     async fn submit(
         &self,
@@ -341,6 +349,14 @@ impl Inner {
                 let mut st = self.state.lock().unwrap();
                 if let Some(e) = st.fatal {
                     return Err(e);
+                }
+                // Down for longer than a transaction may wait: it would only wait the whole
+                // resend budget to fail, so fail now (an array above can go on degraded).
+                if st
+                    .down_since
+                    .is_some_and(|t| t.elapsed() > self.resend_budget())
+                {
+                    return Err(libc::EIO);
                 }
                 if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
                     return Err(libc::ESHUTDOWN);
@@ -465,7 +481,11 @@ impl Inner {
                 },
             };
             let why = self.serve(c).await;
-            self.state.lock().unwrap().stats.connected = false;
+            {
+                let mut st = self.state.lock().unwrap();
+                st.stats.connected = false;
+                st.down_since = Some(Instant::now());
+            }
             if self.finished() {
                 break;
             }
@@ -523,6 +543,7 @@ impl Inner {
                     );
                     let mut st = self.state.lock().unwrap();
                     st.stats.reconnects += 1;
+                    st.down_since = None;
                     st.session = info.session;
                     let unflushed = st.acked_changes > st.flushed_changes;
                     if rebooted(&st.boot_id, info, unflushed) {
