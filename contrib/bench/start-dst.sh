@@ -7,6 +7,7 @@
 # 127.0.0.1 with the default encrypted channel, release build; prints their PIDs on the
 # first line and the FUSE file's path on the second; returns once the file is usable.
 # Both processes end on SIGTERM (dst-mount unmounts, waiting for in-flight writes).
+# DST_EXPORT_SUFFIX is appended to the export (e.g. ":checksums" to measure their cost).
 set -euo pipefail
 IMG=$1 MNT=$2
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -22,7 +23,7 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 
 LOG=$KEYS/server.log
 "$BIN/dst-server" --key "$KEYS/server.key" --authorized-keys "$KEYS/authorized_keys" \
-    --export "disk=$IMG" --listen "127.0.0.1:$PORT" 2> >(tee "$LOG" >&2) &
+    --export "disk=$IMG${DST_EXPORT_SUFFIX:-}" --listen "127.0.0.1:$PORT" 2> >(tee "$LOG" >&2) &
 SERVER=$!
 for _ in $(seq 100); do grep -q "listening on" "$LOG" 2>/dev/null && break; sleep 0.1; done
 
