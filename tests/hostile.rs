@@ -1,6 +1,7 @@
 //! dst-server under hostile or broken peers: floods, oversized frames, limits, revoked
 //! keys, a full disk. Other clients keep being served throughout.
 
+#[macro_use]
 mod common;
 
 use std::io::Read;
@@ -292,4 +293,50 @@ fn a_full_disk_on_the_export_node_reaches_the_client_as_enospc() {
     );
     block_on(engine.close());
     drop(server);
+}
+
+#[test]
+fn a_failing_disk_on_the_export_node_reaches_the_client_as_eio() {
+    require!();
+    // The export node's "disk" is itself a file on a dst mount (fail-fast) whose own
+    // server is then killed: from then on its reads and writes fail with EIO, as a dying
+    // disk's would.
+    let lower = Setup::new();
+    let lower_server = lower.server(&["--export", "disk=lower.img", "--create-size", "16M"]);
+    let dir = lower.path("lower-mnt");
+    let mut lower_mount =
+        common::mount::DstMount::start(&lower, &lower_server, &dir, &["--fail-fast"]);
+    let s = Setup::new();
+    let export = format!("disk={}", lower_mount.file().display());
+    let server = s.server(&["--export", &export]);
+    let engine = block_on(Engine::start(EngineConfig::new(s.client(
+        &server,
+        "disk",
+        Access::ReadWrite,
+    ))))
+    .unwrap();
+    block_on(engine.write(0, &pattern(65536, 1), false)).unwrap();
+    block_on(engine.flush()).unwrap();
+
+    drop(lower_server); // killed: the upper server's disk now fails
+    let start = Instant::now();
+    let read = block_on(engine.read(1 << 20, 65536));
+    assert_eq!(read.err(), Some(libc::EIO), "a read from the failing disk");
+    let write = block_on(engine.write(2 << 20, &pattern(65536, 2), false));
+    let flush = block_on(engine.flush());
+    assert!(
+        write == Err(libc::EIO) || flush == Err(libc::EIO),
+        "a write to the failing disk or the flush after it reports EIO: {write:?} {flush:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "errors, not a hang"
+    );
+    assert!(
+        server.log().contains("Input/output error"),
+        "{}",
+        server.log()
+    );
+    lower_mount.signal(libc::SIGTERM);
+    block_on(engine.close());
 }
