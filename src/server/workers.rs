@@ -27,20 +27,12 @@ impl Workers {
         Ok(Workers { jobs })
     }
 
-    /// Runs `f` on a worker and returns its result.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let (done, result) = smol::channel::bounded(1);
-        let job: Job = Box::new(move || {
-            let _ = done.send_blocking(f());
-        });
+    /// Runs `f` on a worker; it reports its own outcome.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) {
+        // The queue is unbounded (the callers' windows bound it), so this never waits.
         self.jobs
-            .send(job)
-            .await
+            .try_send(Box::new(f))
             .expect("the workers live as long as the pool");
-        result
-            .recv()
-            .await
-            .expect("a worker runs every job it takes")
     }
 }
 
@@ -49,15 +41,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jobs_run_on_named_workers_and_return_their_results() {
+    fn jobs_run_on_named_workers() {
         let w = Workers::new(2).unwrap();
-        let name = smol::block_on(w.run(|| thread::current().name().map(str::to_owned)));
-        assert!(name.unwrap().starts_with("dst-io-"));
-        let sums = smol::block_on(async {
-            let a = w.run(|| (1..=10).sum::<u32>());
-            let b = w.run(|| 7 * 6);
-            smol::future::zip(a, b).await
-        });
-        assert_eq!(sums, (55, 42));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..10u32 {
+            let tx = tx.clone();
+            w.spawn(move || {
+                tx.send((i, thread::current().name().map(str::to_owned)))
+                    .unwrap()
+            });
+        }
+        let mut seen: Vec<_> = (0..10).map(|_| rx.recv().unwrap()).collect();
+        seen.sort();
+        assert!(seen
+            .iter()
+            .all(|(_, n)| n.as_deref().is_some_and(|n| n.starts_with("dst-io-"))));
+        assert_eq!(
+            seen.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
     }
 }
