@@ -32,9 +32,7 @@ use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::mount::{kill, mounted_type, output, run, unmount_quietly, AlignedBuf, DstMount, Loop};
@@ -112,7 +110,7 @@ fn run_soak(s: &Setup, length: Duration) {
     let addr = server.addr;
     let proxy = Proxy::start(addr);
     let proxy_port = proxy.addr().port();
-    let mut dst = mount_through(s, proxy.addr(), &s.path("mnt"), &MOUNT_ARGS);
+    let mut dst = DstMount::start_at(s, proxy.addr(), &s.path("mnt"), &MOUNT_ARGS);
     let lo = Loop::attach(&dst.file(), &["--direct-io=on"]);
     run("mkfs.ext4", &["-q", "-F", &lo.dev]);
     let mut fsm = FsMount::mount(&lo.dev, &s.path("fs"), "rw");
@@ -232,56 +230,6 @@ fn run_soak(s: &Setup, length: Duration) {
             faults.disconnecting
         );
     }
-}
-
-/// Mounts export `disk` through `server` (the proxy) at `dir`; waits until mounted. The
-/// guard is common::mount's [`DstMount`]; only the source differs from its `start`.
-fn mount_through(s: &Setup, server: SocketAddr, dir: &Path, extra: &[&str]) -> DstMount {
-    fs::create_dir_all(dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dst-mount"))
-        .arg("--foreground")
-        .arg("--key")
-        .arg(s.path("client.key"))
-        .arg("--server-key")
-        .arg(s.path("server.key.pub"))
-        .args(extra)
-        .arg(format!("{server}/disk"))
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dst-mount starts");
-    let log = Arc::new(Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let mut m = DstMount {
-        child,
-        dir: dir.to_path_buf(),
-        log,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !m.log().contains("mounted ") && m.running() {
-        assert!(Instant::now() < deadline, "no mount:\n{}", m.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(m.running(), "dst-mount exited:\n{}", m.log());
-    assert_eq!(
-        mounted_type(dir).as_deref(),
-        Some("fuse.dst"),
-        "{}",
-        m.log()
-    );
-    m
 }
 
 /// A filesystem mounted from a device; unmounted on drop unless [`FsMount::unmount`] did.

@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -127,7 +128,12 @@ pub struct DstMount {
 impl DstMount {
     /// Mounts export `disk` of `server` at `dir` with `extra` arguments; waits until mounted.
     pub fn start(s: &Setup, server: &ServerProcess, dir: &Path, extra: &[&str]) -> DstMount {
-        let mut m = Self::spawn(s, server, dir, extra);
+        Self::start_at(s, server.addr, dir, extra)
+    }
+
+    /// Mounts export `disk` from `addr` (a server, or a proxy in front of one).
+    pub fn start_at(s: &Setup, addr: SocketAddr, dir: &Path, extra: &[&str]) -> DstMount {
+        let mut m = Self::spawn_at(s, addr, dir, extra);
         wait_until("the mount", Duration::from_secs(20), || {
             m.log().contains("mounted ") || !m.running()
         });
@@ -142,6 +148,10 @@ impl DstMount {
     }
 
     pub fn spawn(s: &Setup, server: &ServerProcess, dir: &Path, extra: &[&str]) -> DstMount {
+        Self::spawn_at(s, server.addr, dir, extra)
+    }
+
+    pub fn spawn_at(s: &Setup, addr: SocketAddr, dir: &Path, extra: &[&str]) -> DstMount {
         fs::create_dir_all(dir).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_dst-mount"))
             .arg("--foreground")
@@ -150,7 +160,7 @@ impl DstMount {
             .arg("--server-key")
             .arg(s.path("server.key.pub"))
             .args(extra)
-            .arg(format!("{}/disk", server.addr))
+            .arg(format!("{addr}/disk"))
             .arg(dir)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
