@@ -104,6 +104,9 @@ pub struct Export {
     dsync: Option<File>,
     /// The read-write session holding the export, if any: there is one writer at a time.
     pub writer: Mutex<Option<SessionId>>,
+    /// Buffered writes to one file serialize on its inode lock in the kernel, where a
+    /// waiting thread spins on the CPU; waiting here sleeps instead.
+    write_lock: Mutex<()>,
     /// Per-block checksums, with `:checksums`.
     pub checksums: Option<ChecksumTable>,
 }
@@ -186,6 +189,7 @@ impl Export {
             file,
             dsync,
             writer: Mutex::new(None),
+            write_lock: Mutex::new(()),
             checksums,
         })
     }
@@ -221,7 +225,10 @@ impl Export {
                 } else {
                     &self.file
                 };
-                let write = || f.write_all_at(data, offset);
+                let write = || {
+                    let _serial = self.write_lock.lock().unwrap();
+                    f.write_all_at(data, offset)
+                };
                 match sums {
                     Some(t) => t.write(offset, data, write),
                     None => write(),
