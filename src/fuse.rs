@@ -2,9 +2,11 @@
 //! the export (its size is the export's) and a hidden, read-only `.stats` file with the
 //! engine's live counters.
 //!
-//! Every request that needs the export node is answered from a task on smol's global
-//! executor: the FUSE loop only dispatches, so the kernel can keep many requests in flight and
-//! the engine's window, not this loop, bounds them. Reads and writes map to transactions,
+//! Requests that need the export node are started on the FUSE thread, which also sends them
+//! when the connection is free (no thread to wake on the way out), and are answered by the
+//! engine's reader as their acks arrive (none on the way back). The loop never waits for an
+//! ack, so the kernel can keep many requests in flight and the engine's window, not this
+//! loop, bounds them. Reads and writes map to transactions,
 //! fsync/fdatasync and the flush of a writable handle's close to FLUSH, and fallocate's
 //! PUNCH_HOLE and ZERO_RANGE to TRIM and WRITE_ZEROES, which is how `mkfs` discards and
 //! `fstrim` on a loop device on top reach the export. The file's size is fixed: truncating it
@@ -480,14 +482,16 @@ impl Filesystem for DstFs {
                 let Some((engine, guard)) = self.task() else {
                     return reply.error(Errno::EIO);
                 };
-                spawn(guard, async move {
-                    match engine.read(offset, len).await {
+                let pool = engine.clone();
+                engine.start_read(offset, len, move |outcome| {
+                    match outcome {
                         Ok(data) => {
                             reply.data(&data);
-                            engine.recycle(data);
+                            pool.recycle(data);
                         }
                         Err(errno) => reply.error(Errno::from_i32(errno)),
                     }
+                    drop(guard);
                 });
             }
             STATS_INO => {
@@ -535,11 +539,12 @@ impl Filesystem for DstFs {
         // The kernel's buffer is reused for the next request once we return: the one copy
         // of the data, into a buffer the engine keeps until the write is acked.
         let data = engine.buffer(&data[..len]);
-        spawn(guard, async move {
-            match engine.write_buffer(offset, data, fua).await {
+        engine.start_write(offset, data, fua, move |result| {
+            match result {
                 Ok(()) => reply.written(len as u32),
                 Err(errno) => reply.error(Errno::from_i32(errno)),
             }
+            drop(guard);
         });
     }
 
@@ -786,8 +791,9 @@ impl DstFs {
         let Some((engine, guard)) = self.task() else {
             return reply.error(Errno::EIO);
         };
-        spawn(guard, async move {
-            reply_empty(reply, engine.flush().await);
+        engine.start_flush(move |result| {
+            reply_empty(reply, result);
+            drop(guard);
         });
     }
 }

@@ -2,9 +2,12 @@
 //! lives until the export node acks it.
 //!
 //! Callers submit concurrently and wait for room in the window rather than grow memory.
-//! One driver task keeps a connection: a writer sends queued transactions in batches, a
-//! reader resolves them from replies, and a watchdog pings an idle connection and
-//! declares it dead when a ping goes unanswered. A lost connection is re-established
+//! Whoever submits also sends: the first thread to find the wire free encrypts and sends
+//! everything queued, so a request reaches the socket without waking another thread,
+//! and under load requests leave in batches. One driver task keeps a connection: its
+//! reader resolves transactions from replies and calls their completions right there,
+//! a writer sends what timers queue (resends, pings), and a watchdog pings an idle
+//! connection and declares it dead when a ping goes unanswered. A lost connection is re-established
 //! with backoff, the session resumed, and every unacked transaction sent again; the
 //! server's reply cache makes those resends execute at most once. A timer resends what
 //! is not acked within the resend timeout and fails it with EIO after the resend count.
@@ -15,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use smol::future::FutureExt;
-use smol::net::TcpStream;
+use smol::net::{Shutdown, TcpStream};
 
 use super::stats::Stats;
 use super::table::{Table, Tx, Window};
-use super::{ClientConfig, ClientError, Connection};
+use super::{ClientConfig, ClientError, Connection, Parts};
 use crate::channel::{Outgoing, Receiver, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Frame, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
@@ -73,13 +76,25 @@ impl EngineConfig {
     }
 }
 
-type Outcome = Result<Vec<u8>, i32>;
+/// A transaction's result: a read's data, or an errno.
+pub type Outcome = Result<Vec<u8>, i32>;
+
+/// Called once with a transaction's outcome, on whichever thread resolves it.
+type Done = Box<dyn FnOnce(Outcome) + Send>;
 
 /// Who waits for a transaction, and for a flush what it covers.
 struct Waiter {
-    outcome: smol::channel::Sender<Outcome>,
+    done: Done,
     /// For a flush: the count of changes acked before it was submitted.
     covers: u64,
+}
+
+/// The sending half of the current connection, taken by whichever thread sends.
+struct Wire {
+    sender: Sender<TcpStream>,
+    stream: TcpStream,
+    out: Outgoing,
+    batch: Vec<(RequestHeader, Arc<Vec<u8>>)>,
 }
 
 /// A handle on the engine; clones share it.
@@ -99,6 +114,12 @@ struct Inner {
     closing: AtomicBool,
     pool: Pool,
     driver: Mutex<Option<smol::Task<()>>>,
+    /// `None` while there is no connection.
+    wire: smol::lock::Mutex<Option<Wire>>,
+    /// The watchdog wants a ping sent.
+    ping_due: AtomicBool,
+    /// Why sending failed on the current connection, if it did.
+    send_error: Mutex<Option<String>>,
 }
 
 struct State {
@@ -119,11 +140,10 @@ struct State {
     down_since: Option<Instant>,
 }
 
-/// State of one connection, shared by its writer, reader and watchdog.
+/// State of one connection, shared by its reader and watchdog.
 struct Link {
     last_heard: Mutex<Instant>,
     ping_sent: Mutex<Option<Instant>>,
-    ping_due: AtomicBool,
 }
 
 impl Engine {
@@ -157,6 +177,9 @@ impl Engine {
             room: Event::new(),
             closing: AtomicBool::new(false),
             driver: Mutex::new(None),
+            wire: smol::lock::Mutex::new(None),
+            ping_due: AtomicBool::new(false),
+            send_error: Mutex::new(None),
         });
         let driver = smol::spawn(inner.clone().drive(conn));
         *inner.driver.lock().unwrap() = Some(driver);
@@ -236,6 +259,68 @@ impl Engine {
         self.inner.pool.put(buf);
     }
 
+    /// Starts a read without waiting: `done` gets the data (a pooled buffer, see
+    /// [`Engine::recycle`]) or an errno, on the thread that resolves it. Never blocks on
+    /// the network; when the window is full the read waits for room in a task.
+    pub fn start_read(&self, offset: u64, len: u32, done: impl FnOnce(Outcome) + Send + 'static) {
+        if len > self.inner.info.max_transfer {
+            let engine = self.clone();
+            smol::spawn(async move { done(engine.read(offset, len).await) }).detach();
+            return;
+        }
+        self.begin(Op::Read, 0, offset, len, Vec::new(), Box::new(done));
+    }
+
+    /// Starts a write of a buffer from [`Engine::buffer`] without waiting, as
+    /// [`Engine::start_read`].
+    pub fn start_write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+        done: impl FnOnce(Result<(), i32>) + Send + 'static,
+    ) {
+        if data.len() > self.inner.info.max_transfer as usize {
+            let engine = self.clone();
+            smol::spawn(async move { done(engine.write_buffer(offset, data, fua).await) }).detach();
+            return;
+        }
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let len = data.len() as u32;
+        let done = Box::new(move |outcome: Outcome| done(outcome.map(drop)));
+        self.begin(Op::Write, flags, offset, len, data, done);
+    }
+
+    /// Starts a flush without waiting, as [`Engine::start_read`].
+    pub fn start_flush(&self, done: impl FnOnce(Result<(), i32>) + Send + 'static) {
+        let done = Box::new(move |outcome: Outcome| done(outcome.map(drop)));
+        self.begin(Op::Flush, 0, 0, 0, Vec::new(), done);
+    }
+
+    /// Enters a transaction and sends it from this thread if the window has room; else a
+    /// task waits for room.
+    fn begin(&self, op: Op, flags: u8, offset: u64, length: u32, data: Vec<u8>, done: Done) {
+        let waiter = Waiter { done, covers: 0 };
+        let tx = Tx::new(op, flags, offset, length, data, Instant::now(), waiter);
+        match self.inner.try_enter(tx) {
+            // Alone in flight, it is latency-bound: sending here saves waking the writer.
+            // Otherwise the writer sends it with what gathers meanwhile, in one batch, and
+            // this thread is free for the next request.
+            Ok(true) => smol::block_on(self.inner.send_queued()),
+            Ok(false) => self.inner.queued.notify(1),
+            Err(Blocked::Failed(errno, tx)) => (tx.waiter.done)(Err(errno)),
+            Err(Blocked::NoRoom(tx)) => {
+                let inner = self.inner.clone();
+                smol::spawn(async move {
+                    if let Err((errno, tx)) = inner.enter(tx).await {
+                        (tx.waiter.done)(Err(errno));
+                    }
+                })
+                .detach();
+            }
+        }
+    }
+
     /// Returns once every write acked before it is on stable storage on the export node.
     pub async fn flush(&self) -> Result<(), i32> {
         let rx = self.inner.submit(Op::Flush, 0, 0, 0, Vec::new()).await?;
@@ -296,6 +381,14 @@ fn chunks(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
     (0..count).map(move |i| (offset + i * max, (len - i * max).min(max)))
 }
 
+/// Why a transaction could not enter the table at once.
+enum Blocked {
+    /// The window is full: wait for room.
+    NoRoom(Tx<Waiter>),
+    /// It must fail with this errno.
+    Failed(i32, Tx<Waiter>),
+}
+
 async fn wait(rx: smol::channel::Receiver<Outcome>) -> Outcome {
     rx.recv().await.unwrap_or(Err(libc::EIO))
 }
@@ -320,7 +413,8 @@ impl Inner {
         self.cfg.resend_timeout * (self.cfg.resend_count + 1)
     }
 
-    /// Enters a transaction once the window has room; returns where its outcome arrives.
+    /// Enters a transaction, waiting for room in the window, and sends it; returns where
+    /// its outcome arrives.
     async fn submit(
         &self,
         op: Op,
@@ -331,52 +425,147 @@ impl Inner {
     ) -> Result<smol::channel::Receiver<Outcome>, i32> {
         let (sender, outcome) = smol::channel::bounded(1);
         let waiter = Waiter {
-            outcome: sender,
+            done: Box::new(move |o| {
+                let _ = sender.try_send(o);
+            }),
             covers: 0,
         };
-        let mut tx = Some(Tx::new(
-            op,
-            flags,
-            offset,
-            length,
-            data,
-            Instant::now(),
-            waiter,
-        ));
-        loop {
+        let tx = Tx::new(op, flags, offset, length, data, Instant::now(), waiter);
+        self.enter(tx).await.map_err(|(errno, _)| errno)?;
+        Ok(outcome)
+    }
+
+    /// Enters a transaction once the window has room, and sends it.
+    async fn enter(&self, mut tx: Tx<Waiter>) -> Result<(), (i32, Tx<Waiter>)> {
+        let alone = loop {
             let room = self.room.listen();
-            {
-                let mut st = self.state.lock().unwrap();
-                if let Some(e) = st.fatal {
-                    return Err(e);
-                }
-                // Down for longer than a transaction may wait: it would only wait the whole
-                // resend budget to fail, so fail now (an array above can go on degraded).
-                if st
-                    .down_since
-                    .is_some_and(|t| t.elapsed() > self.resend_budget())
-                {
-                    return Err(libc::EIO);
-                }
-                if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
-                    return Err(libc::ESHUTDOWN);
-                }
-                let cost = tx.as_ref().unwrap().cost();
-                if st.table.has_room(cost) {
-                    let mut tx = tx.take().unwrap();
-                    tx.submitted = Instant::now();
-                    tx.waiter.covers = st.acked_changes;
-                    st.table.insert(tx, self.timeout());
-                    st.stats.requests += 1;
-                    st.stats.max_in_flight_bytes =
-                        st.stats.max_in_flight_bytes.max(st.table.bytes());
-                    break;
-                }
+            match self.try_enter(tx) {
+                Ok(alone) => break alone,
+                Err(Blocked::Failed(errno, tx)) => return Err((errno, tx)),
+                Err(Blocked::NoRoom(back)) => tx = back,
             }
             room.await;
+        };
+        if alone {
+            self.send_queued().await;
+        } else {
+            self.queued.notify(1);
         }
-        self.queued.notify(1);
-        Ok(outcome)
+        Ok(())
+    }
+
+    /// Enters a transaction if the window has room now; true if it is the only one in
+    /// flight.
+    fn try_enter(&self, mut tx: Tx<Waiter>) -> Result<bool, Blocked> {
+        let mut st = self.state.lock().unwrap();
+        if let Some(e) = st.fatal {
+            return Err(Blocked::Failed(e, tx));
+        }
+        // Down for longer than a transaction may wait: it would only wait the whole
+        // resend budget to fail, so fail now (an array above can go on degraded).
+        if st
+            .down_since
+            .is_some_and(|t| t.elapsed() > self.resend_budget())
+        {
+            return Err(Blocked::Failed(libc::EIO, tx));
+        }
+        if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
+            return Err(Blocked::Failed(libc::ESHUTDOWN, tx));
+        }
+        if !st.table.has_room(tx.cost()) {
+            return Err(Blocked::NoRoom(tx));
+        }
+        tx.submitted = Instant::now();
+        tx.waiter.covers = st.acked_changes;
+        st.table.insert(tx, self.timeout());
+        st.stats.requests += 1;
+        st.stats.max_in_flight_bytes = st.stats.max_in_flight_bytes.max(st.table.bytes());
+        Ok(st.table.len() == 1)
+    }
+
+    /// Sends everything queued, unless another thread is sending (it sends ours too) or
+    /// there is no connection (the next one sends it).
+    async fn send_queued(&self) {
+        loop {
+            {
+                let Some(mut wire) = self.wire.try_lock() else {
+                    return;
+                };
+                let Some(wire) = wire.as_mut() else {
+                    return;
+                };
+                while self.send_batch(wire).await {}
+            }
+            // Queued by a thread that found the wire taken just before it was let go.
+            let queued = self.state.lock().unwrap().table.has_queued();
+            if !queued && !self.ping_due.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Encrypts and sends one batch of queued transactions; false once nothing was left
+    /// or sending failed (which ends the connection).
+    async fn send_batch(&self, wire: &mut Wire) -> bool {
+        let Wire {
+            sender,
+            stream,
+            out,
+            batch,
+        } = wire;
+        batch.clear();
+        let ping = self.ping_due.swap(false, Ordering::SeqCst);
+        let floor = {
+            let mut st = self.state.lock().unwrap();
+            let now = Instant::now();
+            let mut bytes = 0;
+            while bytes < SEND_BATCH {
+                match st.table.next_to_send(now, self.timeout()) {
+                    Some((h, data)) => {
+                        bytes += data.len() + protocol::REQUEST_HEADER;
+                        batch.push((h, data));
+                    }
+                    None => break,
+                }
+            }
+            st.table.floor()
+        };
+        if batch.is_empty() && !ping {
+            return false;
+        }
+        out.clear();
+        if ping {
+            let h = RequestHeader {
+                op: Op::Ping,
+                flags: 0,
+                txid: PING_TXID,
+                floor,
+                offset: 0,
+                length: 0,
+            };
+            protocol::encode_request(out.staged(), &h, &[]);
+        }
+        for (i, (h, data)) in batch.iter().enumerate() {
+            if data.len() < Outgoing::INLINE {
+                protocol::encode_request(out.staged(), h, data);
+            } else {
+                protocol::encode_request_head(out.staged(), h, data.len());
+                out.payload(i);
+            }
+        }
+        let parts = out.parts(|i| batch[i].1.as_slice());
+        let sent = sender.send_parts(&parts).await;
+        batch.clear();
+        match sent {
+            Ok(()) => true,
+            Err(e) => {
+                // The reader sees the socket shut and ends the connection with this reason;
+                // what was sent on it is sent again on the next one.
+                self.send_error.lock().unwrap().get_or_insert(e.to_string());
+                let _ = stream.shutdown(Shutdown::Both);
+                false
+            }
+        }
     }
 
     /// Resolves an acked transaction.
@@ -411,12 +600,12 @@ impl Inner {
             tx
         };
         self.room.notify(usize::MAX);
-        let outcome = if status == 0 {
-            Ok(self.pool.copy_of(data))
-        } else {
-            Err(status as i32)
+        let outcome = match status {
+            0 if data.is_empty() => Ok(Vec::new()),
+            0 => Ok(self.pool.copy_of(data)),
+            _ => Err(status as i32),
         };
-        let _ = tx.waiter.outcome.try_send(outcome);
+        (tx.waiter.done)(outcome);
         // Unless a resend of it is being encrypted right now, the buffer is free again.
         if let Ok(data) = Arc::try_unwrap(tx.data) {
             self.pool.put(data);
@@ -436,7 +625,7 @@ impl Inner {
                 tx.length,
                 tx.resends
             );
-            let _ = tx.waiter.outcome.try_send(Err(errno));
+            (tx.waiter.done)(Err(errno));
         }
         self.room.notify(usize::MAX);
     }
@@ -459,7 +648,7 @@ impl Inner {
             };
             if expired.resent > 0 {
                 log::debug!("resending {} overdue transactions", expired.resent);
-                self.queued.notify(1);
+                self.send_queued().await;
             }
             self.fail(expired.failed, libc::EIO);
         }
@@ -577,16 +766,29 @@ impl Inner {
 
     /// Serves one connection until it fails or the engine is done; returns why it ended.
     async fn serve(&self, conn: Connection) -> String {
-        let (sender, mut receiver, _, limits) = conn.into_parts();
+        let Parts {
+            sender,
+            mut receiver,
+            stream,
+            limits,
+            ..
+        } = conn.into_parts();
         {
             let mut st = self.state.lock().unwrap();
             st.table.requeue_all();
             st.stats.connected = true;
         }
+        self.ping_due.store(false, Ordering::SeqCst);
+        *self.send_error.lock().unwrap() = None;
+        *self.wire.lock().await = Some(Wire {
+            sender,
+            stream: stream.clone(),
+            out: Outgoing::default(),
+            batch: Vec::new(),
+        });
         let link = Link {
             last_heard: Mutex::new(Instant::now()),
             ping_sent: Mutex::new(None),
-            ping_due: AtomicBool::new(false),
         };
         let done = async {
             loop {
@@ -597,69 +799,27 @@ impl Inner {
                 room.await;
             }
         };
-        self.write_requests(sender, &link)
+        let why = self
+            .write_requests()
             .or(self.read_replies(&mut receiver, &limits, &link))
             .or(self.watchdog(&link))
             .or(done)
-            .await
+            .await;
+        let why = self.send_error.lock().unwrap().take().unwrap_or(why);
+        // A thread blocked sending on this connection gives the wire back once the socket
+        // is shut.
+        let _ = stream.shutdown(Shutdown::Both);
+        *self.wire.lock().await = None;
+        why
     }
 
-    /// Sends queued transactions, batching all that are queued into one channel send.
-    /// Payloads are encrypted from the transactions' own buffers, outside the lock.
-    async fn write_requests(&self, mut sender: Sender<TcpStream>, link: &Link) -> String {
-        let mut batch = Vec::new();
-        let mut out = Outgoing::default();
+    /// Sends what is queued without a submitter to send it: everything after a reconnect,
+    /// resends, pings.
+    async fn write_requests(&self) -> String {
         loop {
             let queued = self.queued.listen();
-            batch.clear();
-            let ping = link.ping_due.swap(false, Ordering::SeqCst);
-            let floor = {
-                let mut st = self.state.lock().unwrap();
-                let now = Instant::now();
-                let mut bytes = 0;
-                while bytes < SEND_BATCH {
-                    match st.table.next_to_send(now, self.timeout()) {
-                        Some((h, data)) => {
-                            bytes += data.len() + protocol::REQUEST_HEADER;
-                            batch.push((h, data));
-                        }
-                        None => break,
-                    }
-                }
-                if st.table.has_queued() {
-                    // More than one batch: come straight back.
-                    self.queued.notify(1);
-                }
-                st.table.floor()
-            };
-            if batch.is_empty() && !ping {
-                queued.await;
-                continue;
-            }
-            out.clear();
-            if ping {
-                let h = RequestHeader {
-                    op: Op::Ping,
-                    flags: 0,
-                    txid: PING_TXID,
-                    floor,
-                    offset: 0,
-                    length: 0,
-                };
-                protocol::encode_request(out.staged(), &h, &[]);
-            }
-            for (i, (h, data)) in batch.iter().enumerate() {
-                if data.len() < Outgoing::INLINE {
-                    protocol::encode_request(out.staged(), h, data);
-                } else {
-                    protocol::encode_request_head(out.staged(), h, data.len());
-                    out.payload(i);
-                }
-            }
-            let parts = out.parts(|i| batch[i].1.as_slice());
-            if let Err(e) = sender.send_parts(&parts).await {
-                return e.to_string();
-            }
+            self.send_queued().await;
+            queued.await;
         }
     }
 
@@ -701,7 +861,7 @@ impl Inner {
                 Some(_) => {}
                 None if now - *link.last_heard.lock().unwrap() >= interval => {
                     *ping_sent = Some(now);
-                    link.ping_due.store(true, Ordering::SeqCst);
+                    self.ping_due.store(true, Ordering::SeqCst);
                     self.queued.notify(1);
                 }
                 None => {}

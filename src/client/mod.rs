@@ -84,8 +84,19 @@ impl ClientError {
     }
 }
 
+/// A [`Connection`] taken apart, for a caller that sends and receives from different tasks.
+pub struct Parts {
+    pub sender: Sender<TcpStream>,
+    pub receiver: Receiver<TcpStream>,
+    pub stream: TcpStream,
+    pub info: ExportInfo,
+    pub limits: Limits,
+}
+
 /// One negotiated connection to an export.
 pub struct Connection {
+    /// The socket under the channel, kept to shut it down from outside a blocked send.
+    stream: TcpStream,
     tx: Sender<TcpStream>,
     rx: Receiver<TcpStream>,
     info: ExportInfo,
@@ -106,7 +117,7 @@ impl Connection {
         stream.set_nodelay(true)?;
         let (mut tx, mut rx) = channel::connect(
             stream.clone(),
-            stream,
+            stream.clone(),
             &cfg.key,
             &cfg.server_key,
             cfg.cipher,
@@ -150,6 +161,7 @@ impl Connection {
             max_transfer: info.max_transfer,
         };
         Ok(Connection {
+            stream,
             tx,
             rx,
             info,
@@ -159,9 +171,16 @@ impl Connection {
         })
     }
 
-    /// The halves of the channel, what was negotiated, and the limits to decode with.
-    pub fn into_parts(self) -> (Sender<TcpStream>, Receiver<TcpStream>, ExportInfo, Limits) {
-        (self.tx, self.rx, self.info, self.limits)
+    /// The halves of the channel, the socket under them, what was negotiated, and the
+    /// limits to decode with.
+    pub fn into_parts(self) -> Parts {
+        Parts {
+            sender: self.tx,
+            receiver: self.rx,
+            stream: self.stream,
+            info: self.info,
+            limits: self.limits,
+        }
     }
 
     /// What was negotiated.
