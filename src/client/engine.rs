@@ -307,7 +307,9 @@ impl Engine {
             // Otherwise the writer sends it with what gathers meanwhile, in one batch, and
             // this thread is free for the next request.
             Ok(true) => smol::block_on(self.inner.send_queued()),
-            Ok(false) => self.inner.queued.notify(1),
+            Ok(false) => {
+                self.inner.queued.notify(1);
+            }
             Err(Blocked::Failed(errno, tx)) => (tx.waiter.done)(Err(errno)),
             Err(Blocked::NoRoom(tx)) => {
                 let inner = self.inner.clone();
