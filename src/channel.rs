@@ -492,6 +492,35 @@ pub struct Receiver<R> {
 /// Bytes of ciphertext read at once, at most.
 const INPUT_BUFFER: usize = 256 << 10;
 
+impl<R> Receiver<R> {
+    /// The same channel, read through `reader` from here on (the same stream, read another
+    /// way); what was read and not yet decoded is kept.
+    pub fn with_reader<R2>(self, reader: R2) -> Receiver<R2> {
+        let Receiver {
+            reader: _,
+            transport,
+            nonce,
+            input,
+            in_pos,
+            in_end,
+            plain,
+            pos,
+            end,
+        } = self;
+        Receiver {
+            reader,
+            transport,
+            nonce,
+            input,
+            in_pos,
+            in_end,
+            plain,
+            pos,
+            end,
+        }
+    }
+}
+
 impl<R: AsyncRead + Unpin> Receiver<R> {
     /// Returns the next frame, reading and decrypting records as needed. A frame longer
     /// than `limits` allows is refused from its header, before it is buffered.

@@ -13,6 +13,7 @@
 //! file, [`mount`] runs a mount from start to unmount, and [`mount_options`] parses what
 //! mount(8), fstab and `dst-mount` are given.
 
+pub mod blocking;
 pub mod channel;
 pub mod client;
 pub mod fuse;

@@ -23,6 +23,7 @@ use smol::net::{Shutdown, TcpStream};
 use super::stats::Stats;
 use super::table::{Table, Tx, Window};
 use super::{ClientConfig, ClientError, Connection, Parts};
+use crate::blocking::ThreadReader;
 use crate::channel::{Outgoing, Receiver, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Frame, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
@@ -767,14 +768,18 @@ impl Inner {
     }
 
     /// Serves one connection until it fails or the engine is done; returns why it ended.
-    async fn serve(&self, conn: Connection) -> String {
+    async fn serve(self: &Arc<Self>, conn: Connection) -> String {
         let Parts {
             sender,
-            mut receiver,
+            receiver,
             stream,
             limits,
             ..
         } = conn.into_parts();
+        let reader = match ThreadReader::new(&stream) {
+            Ok(reader) => reader,
+            Err(e) => return format!("cannot read the connection: {e}"),
+        };
         {
             let mut st = self.state.lock().unwrap();
             st.table.requeue_all();
@@ -788,9 +793,31 @@ impl Inner {
             out: Outgoing::default(),
             batch: Vec::new(),
         });
-        let link = Link {
+        let link = Arc::new(Link {
             last_heard: Mutex::new(Instant::now()),
             ping_sent: Mutex::new(None),
+        });
+        // Replies are read on a thread of their own, which completes each transaction as
+        // its reply is decrypted: the kernel wakes it, and it answers the caller directly.
+        let (ended_tx, ended) = smol::channel::bounded(1);
+        let (inner, reader_link) = (self.clone(), link.clone());
+        let mut receiver = receiver.with_reader(reader);
+        let spawned = std::thread::Builder::new()
+            .name("dst-replies".into())
+            .spawn(move || {
+                let why = smol::block_on(inner.read_replies(&mut receiver, &limits, &reader_link));
+                let _ = ended_tx.send_blocking(why);
+            });
+        if let Err(e) = spawned {
+            let _ = stream.shutdown(Shutdown::Both);
+            *self.wire.lock().await = None;
+            return format!("cannot start the reply reader: {e}");
+        }
+        let replies_ended = async {
+            ended
+                .recv()
+                .await
+                .unwrap_or_else(|_| "the reply reader stopped".into())
         };
         let done = async {
             loop {
@@ -803,14 +830,16 @@ impl Inner {
         };
         let why = self
             .write_requests()
-            .or(self.read_replies(&mut receiver, &limits, &link))
+            .or(replies_ended)
             .or(self.watchdog(&link))
             .or(done)
             .await;
         let why = self.send_error.lock().unwrap().take().unwrap_or(why);
-        // A thread blocked sending on this connection gives the wire back once the socket
-        // is shut.
+        // Threads blocked sending or reading on this connection let go once the socket is
+        // shut; the reader is waited for, so nothing of this connection completes after
+        // the next one starts.
         let _ = stream.shutdown(Shutdown::Both);
+        let _ = ended.recv().await;
         *self.wire.lock().await = None;
         why
     }
@@ -827,7 +856,7 @@ impl Inner {
 
     async fn read_replies(
         &self,
-        receiver: &mut Receiver<TcpStream>,
+        receiver: &mut Receiver<ThreadReader>,
         limits: &Limits,
         link: &Link,
     ) -> String {
