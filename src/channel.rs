@@ -25,13 +25,16 @@
 
 use std::fmt;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use snow::StatelessTransportState;
 
 use crate::keys::{PrivateKey, PublicKey};
-use crate::protocol::{self, DecodeError, Frame, Limits};
+use crate::pool::Pool;
+use crate::protocol::{self, DecodeError, Frame, Head, Limits};
 
 /// Largest Noise message, ciphertext included.
 pub const NOISE_MAX: usize = 65535;
@@ -371,6 +374,8 @@ fn halves<R, W>(
             transport: transport.clone(),
             nonce: 0,
             out: Vec::new(),
+            written: 0,
+            sealed: 0,
         },
         Receiver {
             reader,
@@ -382,6 +387,7 @@ fn halves<R, W>(
             plain: Vec::new(),
             pos: 0,
             end: 0,
+            torn: false,
         },
     )
 }
@@ -391,7 +397,10 @@ pub struct Sender<W> {
     writer: W,
     transport: Arc<StatelessTransportState>,
     nonce: u64,
+    /// Records sealed and not yet written: `out[written..sealed]`.
     out: Vec<u8>,
+    written: usize,
+    sealed: usize,
 }
 
 impl<W: AsyncWrite + Unpin> Sender<W> {
@@ -404,24 +413,73 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     /// Parts are encrypted where they lie, so a large payload goes from its buffer into the
     /// ciphertext without a copy; each part starts a record.
     pub async fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), ChannelError> {
+        self.seal_parts(parts)?;
+        self.flush().await
+    }
+
+    /// Encrypts the parts as [`send_parts`](Self::send_parts) does, after whatever was
+    /// sealed before, without writing them: [`flush`](Self::flush) or
+    /// [`try_flush`](Self::try_flush) does.
+    pub fn seal_parts(&mut self, parts: &[&[u8]]) -> Result<(), ChannelError> {
+        if self.written == self.sealed {
+            (self.written, self.sealed) = (0, 0);
+        }
         let size = |p: &&[u8]| p.len() + p.len().div_ceil(RECORD_PLAINTEXT) * (2 + TAG_LEN);
-        let total: usize = parts.iter().map(size).sum();
+        let total = self.sealed + parts.iter().map(size).sum::<usize>();
         if self.out.len() < total {
             self.out.resize(total, 0);
         }
-        let mut at = 0;
         for chunk in parts.iter().flat_map(|p| p.chunks(RECORD_PLAINTEXT)) {
+            let at = self.sealed;
             let n = self
                 .transport
                 .write_message(self.nonce, chunk, &mut self.out[at + 2..])
                 .map_err(snow_err)?;
             self.nonce += 1;
             self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
-            at += 2 + n;
+            self.sealed += 2 + n;
         }
-        self.writer.write_all(&self.out[..at]).await?;
+        Ok(())
+    }
+
+    /// Writes everything sealed, waiting for the stream to take it.
+    pub async fn flush(&mut self) -> Result<(), ChannelError> {
+        while self.written < self.sealed {
+            match self
+                .writer
+                .write(&self.out[self.written..self.sealed])
+                .await?
+            {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                n => self.written += n,
+            }
+        }
         self.writer.flush().await?;
         Ok(())
+    }
+
+    /// Writes as much of what was sealed as the stream takes without waiting; true when
+    /// all of it is written. A thread that must not block sends with this and leaves the
+    /// rest to a task that awaits [`flush`](Self::flush).
+    pub fn try_flush(&mut self) -> Result<bool, ChannelError> {
+        // Nothing is woken: whoever finishes the send polls again with its own waker.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut writer = Pin::new(&mut self.writer);
+        while self.written < self.sealed {
+            match writer
+                .as_mut()
+                .poll_write(&mut cx, &self.out[self.written..self.sealed])
+            {
+                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Pending => return Ok(false),
+            }
+        }
+        match writer.poll_flush(&mut cx) {
+            Poll::Ready(r) => r.map(|()| true).map_err(Into::into),
+            Poll::Pending => Ok(false),
+        }
     }
 
     /// Closes the write side of the byte stream.
@@ -487,10 +545,27 @@ pub struct Receiver<R> {
     plain: Vec<u8>,
     pos: usize,
     end: usize,
+    /// A [`recv_owned`](Self::recv_owned) stopped inside a payload (dropped, or failed):
+    /// the stream is lost.
+    torn: bool,
+}
+
+/// A REQUEST or REPLY whose payload is in a buffer of its own, from a [`Pool`].
+#[derive(Debug)]
+pub struct OwnedFrame {
+    pub head: Head,
+    pub payload: Vec<u8>,
 }
 
 /// Bytes of ciphertext read at once, at most.
 const INPUT_BUFFER: usize = 256 << 10;
+/// Bytes of the longest frame head: what [`Receiver::recv_owned`] buffers before the payload.
+const HEAD_MAX: usize = protocol::FRAME_HEADER
+    + if protocol::REQUEST_HEADER > protocol::REPLY_HEADER {
+        protocol::REQUEST_HEADER
+    } else {
+        protocol::REPLY_HEADER
+    };
 
 impl<R> Receiver<R> {
     /// The same channel, read through `reader` from here on (the same stream, read another
@@ -526,13 +601,97 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
     /// than `limits` allows is refused from its header, before it is buffered.
     /// `Ok(None)` means the peer closed the stream cleanly between frames.
     pub async fn recv(&mut self, limits: &Limits) -> Result<Option<Frame<'_>>, ChannelError> {
+        if self.buffer(limits, usize::MAX).await?.is_none() {
+            return Ok(None);
+        }
+        let (frame, used) = protocol::decode_frame(&self.plain[self.pos..self.end], limits)?;
+        self.pos += used;
+        Ok(Some(frame))
+    }
+
+    /// Returns the next frame, a REQUEST or REPLY, with its payload in a buffer from
+    /// `pool`: records that lie within the payload are decrypted straight into it, and
+    /// only pieces of records shared with other frames are copied. Limits are enforced
+    /// from the head, before anything is buffered. `Ok(None)` as for [`recv`](Self::recv).
+    /// Dropping the future inside a payload leaves the receiver unusable.
+    pub async fn recv_owned(
+        &mut self,
+        limits: &Limits,
+        pool: &Pool,
+    ) -> Result<Option<OwnedFrame>, ChannelError> {
+        let Some(total) = self.buffer(limits, HEAD_MAX).await? else {
+            return Ok(None);
+        };
+        let Some((head, head_len)) =
+            protocol::decode_head(&self.plain[self.pos..self.end], limits)?
+        else {
+            return Err(ChannelError::Protocol(
+                "negotiation frame after negotiation".into(),
+            ));
+        };
+        let len = total - head_len;
+        let start = self.pos + head_len;
+        let here = (self.end - start).min(len);
+        if here == len {
+            self.pos = start + len;
+            let payload = pool.copy_of(&self.plain[start..self.pos]);
+            return Ok(Some(OwnedFrame { head, payload }));
+        }
+        // Room for a tag past the payload: the cipher opens a record in place only where
+        // the record's ciphertext fits, and copies it into a new allocation otherwise.
+        let mut payload = pool.take(len + TAG_LEN);
+        payload[..here].copy_from_slice(&self.plain[start..start + here]);
+        (self.pos, self.end) = (0, 0);
+        self.torn = true;
+        let mut filled = here;
+        while filled < len {
+            let Some((at, n)) = self.next_record().await? else {
+                return Err(ChannelError::Protocol("stream ended inside a frame".into()));
+            };
+            let record = &self.input[at..at + n];
+            if filled + n - TAG_LEN <= len {
+                filled += open(
+                    &self.transport,
+                    &mut self.nonce,
+                    record,
+                    &mut payload[filled..],
+                )?;
+            } else {
+                // The record holds the payload's end and the start of what follows.
+                if self.plain.len() < NOISE_MAX {
+                    self.plain.resize(NOISE_MAX, 0);
+                }
+                self.end = open(&self.transport, &mut self.nonce, record, &mut self.plain)?;
+                self.pos = len - filled;
+                payload[filled..len].copy_from_slice(&self.plain[..self.pos]);
+                filled = len;
+            }
+        }
+        self.torn = false;
+        payload.truncate(len);
+        Ok(Some(OwnedFrame { head, payload }))
+    }
+
+    /// Reads records until `plain` holds the next frame from `pos`, or at least its first
+    /// `at_least` bytes; returns the frame's length, or `None` at a clean end of stream
+    /// between frames.
+    async fn buffer(
+        &mut self,
+        limits: &Limits,
+        at_least: usize,
+    ) -> Result<Option<usize>, ChannelError> {
+        if self.torn {
+            return Err(ChannelError::Protocol(
+                "a receive was abandoned inside a frame".into(),
+            ));
+        }
         if self.pos == self.end {
             (self.pos, self.end) = (0, 0);
         }
         loop {
             let need = match protocol::frame_len(&self.plain[self.pos..self.end], limits) {
-                Ok(n) if self.end - self.pos >= n => break,
-                Ok(n) => n,
+                Ok(n) if self.end - self.pos >= n.min(at_least) => return Ok(Some(n)),
+                Ok(n) => n.min(at_least),
                 Err(DecodeError::Incomplete) => protocol::FRAME_HEADER,
                 Err(e) => return Err(e.into()),
             };
@@ -546,14 +705,11 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
                 };
             }
         }
-        let (frame, used) = protocol::decode_frame(&self.plain[self.pos..self.end], limits)?;
-        self.pos += used;
-        Ok(Some(frame))
     }
 
     /// Makes `plain` able to hold a frame of `need` bytes from `pos` plus one more record.
     fn make_room(&mut self, need: usize) {
-        let want = need.max(self.end - self.pos) + RECORD_PLAINTEXT;
+        let want = need.max(self.end - self.pos) + NOISE_MAX;
         if self.pos + want > self.plain.len() && self.pos > 0 {
             self.plain.copy_within(self.pos..self.end, 0);
             (self.pos, self.end) = (0, self.end - self.pos);
@@ -569,14 +725,12 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
             return Ok(false);
         };
         let record = &self.input[at..at + len];
-        match self
-            .transport
-            .read_message(self.nonce, record, &mut self.plain[self.end..])
-        {
-            Ok(n) => self.end += n,
-            Err(_) => return Err(ChannelError::Decrypt),
-        }
-        self.nonce += 1;
+        self.end += open(
+            &self.transport,
+            &mut self.nonce,
+            record,
+            &mut self.plain[self.end..],
+        )?;
         Ok(true)
     }
 
@@ -616,15 +770,31 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
     }
 }
 
+/// Decrypts the record with the next nonce into `out`, which has room for the record's
+/// ciphertext (so the cipher works in place); returns the plaintext's length.
+fn open(
+    transport: &StatelessTransportState,
+    nonce: &mut u64,
+    record: &[u8],
+    out: &mut [u8],
+) -> Result<usize, ChannelError> {
+    let n = transport
+        .read_message(*nonce, record, out)
+        .map_err(|_| ChannelError::Decrypt)?;
+    *nonce += 1;
+    Ok(n)
+}
+
+/// Channels over socket pairs, for tests here and of the modules that use channels.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use crate::protocol::{Op, RequestHeader};
     use smol::net::unix::UnixStream;
 
-    type Pair = (Sender<UnixStream>, Receiver<UnixStream>);
+    pub type Pair = (Sender<UnixStream>, Receiver<UnixStream>);
 
-    fn pair(cipher: Cipher) -> (Pair, Pair) {
+    /// The client's and the server's halves of a channel over a fresh socket pair.
+    pub fn pair(cipher: Cipher) -> (Pair, Pair) {
         let (server_key, client_key) = (crate::keys::generate(), crate::keys::generate());
         let server_pub = server_key.public();
         let (a, b) = UnixStream::pair().unwrap();
@@ -636,6 +806,15 @@ mod tests {
             (c.unwrap(), (s_tx, s_rx))
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::pair;
+    use super::*;
+    use crate::protocol::{Op, ReplyHeader, RequestHeader};
+    use proptest::prelude::*;
+    use smol::net::unix::UnixStream;
 
     fn write(txid: u64, len: usize) -> (RequestHeader, Vec<u8>) {
         let h = RequestHeader {
@@ -689,6 +868,205 @@ mod tests {
             assert!(rx.recv(&limits).await.unwrap().is_none(), "clean end");
         });
         sender.join().unwrap();
+    }
+
+    /// A frame of `len` payload bytes: a WRITE request, or for odd `txid` a READ reply.
+    fn owned(txid: u64, len: usize) -> OwnedFrame {
+        let (h, payload) = write(txid, len);
+        let head = if txid.is_multiple_of(2) {
+            Head::Request(h)
+        } else {
+            Head::Reply(ReplyHeader { txid, status: 0 })
+        };
+        OwnedFrame { head, payload }
+    }
+
+    /// Sends the frames of `sizes` in batches, each frame ending a batch where `ends` says.
+    /// A batch is either encoded whole into one buffer, so records cut frames anywhere, or
+    /// (every other one) sent as [`Outgoing`] parts, large payloads in records of their own.
+    fn send_frames(mut tx: Sender<UnixStream>, sizes: Vec<usize>, ends: Vec<bool>) {
+        smol::block_on(async {
+            let mut out = Outgoing::default();
+            let mut frames = Vec::new();
+            let mut batches = 0;
+            for (i, len) in sizes.iter().enumerate() {
+                frames.push(owned(i as u64 + 1, *len));
+                if !ends[i % ends.len()] && i + 1 < sizes.len() {
+                    continue;
+                }
+                batches += 1;
+                out.clear();
+                for (j, f) in frames.iter().enumerate() {
+                    let whole = batches % 2 == 0 || f.payload.len() < Outgoing::INLINE;
+                    let payload = if whole { f.payload.as_slice() } else { &[] };
+                    let staged = out.staged();
+                    match f.head {
+                        Head::Request(h) if whole => protocol::encode_request(staged, &h, payload),
+                        Head::Request(h) => {
+                            protocol::encode_request_head(staged, &h, f.payload.len())
+                        }
+                        Head::Reply(h) if whole => protocol::encode_reply(staged, &h, payload),
+                        Head::Reply(h) => protocol::encode_reply_head(staged, &h, f.payload.len()),
+                    }
+                    if !whole {
+                        out.payload(j);
+                    }
+                }
+                tx.send_parts(&out.parts(|j| &frames[j].payload))
+                    .await
+                    .unwrap();
+                frames.clear();
+            }
+            tx.close().await.unwrap();
+        })
+    }
+
+    /// Receives the frames of `sizes` with `recv_owned`, checking each.
+    fn receive_owned(rx: &mut Receiver<UnixStream>, sizes: &[usize], pool: &Pool) {
+        let limits = Limits {
+            max_transfer: 300_000,
+        };
+        smol::block_on(async {
+            for (i, len) in sizes.iter().enumerate() {
+                let want = owned(i as u64 + 1, *len);
+                let got = rx.recv_owned(&limits, pool).await.unwrap().unwrap();
+                assert_eq!(got.head, want.head, "frame {i}");
+                assert!(got.payload == want.payload, "frame {i}: payload of {len}");
+                pool.put(got.payload);
+            }
+            assert!(rx.recv_owned(&limits, pool).await.unwrap().is_none());
+        });
+    }
+
+    #[test]
+    fn owned_payloads_cross_records_and_read_intact() {
+        let ((tx, _), (_, mut rx)) = pair(Cipher::AesGcm);
+        let sizes: Vec<usize> = (0..160)
+            .map(|i| match i % 5 {
+                0 => (i * 7919 + i * i * 131) % 300_000,
+                1 => i * 37,
+                2 => RECORD_PLAINTEXT * (i % 4) + i % 3,
+                3 => Outgoing::INLINE + i,
+                _ => 0,
+            })
+            .collect();
+        let ends: Vec<bool> = (0..13).map(|i| i % 3 == 0 || i == 7).collect();
+        let expect = sizes.clone();
+        let sender = std::thread::spawn(move || send_frames(tx, sizes, ends));
+        let pool = Pool::new(4 << 20);
+        receive_owned(&mut rx, &expect, &pool);
+        sender.join().unwrap();
+    }
+
+    #[test]
+    fn owned_and_borrowed_receives_mix_on_one_stream() {
+        let ((tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        let sizes = [100_000, 10, 70_000, 65_000, 3, 200_000, 0, 5000];
+        let sender = std::thread::spawn(move || send_frames(tx, sizes.to_vec(), vec![false, true]));
+        let limits = Limits {
+            max_transfer: 300_000,
+        };
+        let pool = Pool::new(1 << 20);
+        smol::block_on(async {
+            for (i, len) in sizes.iter().enumerate() {
+                let want = owned(i as u64 + 1, *len);
+                if i % 2 == 0 {
+                    let got = rx.recv_owned(&limits, &pool).await.unwrap().unwrap();
+                    assert!(got.head == want.head && got.payload == want.payload, "{i}");
+                } else {
+                    let got = rx.recv(&limits).await.unwrap().unwrap();
+                    let expected = match want.head {
+                        Head::Request(h) => Frame::Request(h, &want.payload),
+                        Head::Reply(h) => Frame::Reply(h, &want.payload),
+                    };
+                    assert!(got == expected, "{i}");
+                }
+            }
+        });
+        sender.join().unwrap();
+    }
+
+    #[test]
+    fn owned_receives_enforce_limits_from_the_head() {
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        let limits = Limits { max_transfer: 4096 };
+        let pool = Pool::new(1 << 20);
+        smol::block_on(async {
+            // A frame that declares 2 GiB: refused from its length alone.
+            tx.send(&[0x7f, 0xff, 0xff, 0xff, 3]).await.unwrap();
+            let err = rx.recv_owned(&limits, &pool).await.unwrap_err();
+            assert!(err.to_string().contains("over the limit"), "{err}");
+        });
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        smol::block_on(async {
+            // Refused from their heads, payloads unsent: a read over the maximum transfer,
+            // a write whose frame holds less than its length.
+            let (mut h, _) = write(1, 8192);
+            h.op = Op::Read;
+            let mut head = Vec::new();
+            protocol::encode_request_head(&mut head, &h, 0);
+            tx.send(&head).await.unwrap();
+            let err = rx.recv_owned(&limits, &pool).await.unwrap_err();
+            assert!(err.to_string().contains("maximum transfer"), "{err}");
+        });
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        smol::block_on(async {
+            let (h, _) = write(1, 4096);
+            let mut head = Vec::new();
+            protocol::encode_request_head(&mut head, &h, 4000);
+            tx.send(&head).await.unwrap();
+            let err = rx.recv_owned(&limits, &pool).await.unwrap_err();
+            assert!(err.to_string().contains("payload bytes"), "{err}");
+        });
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        smol::block_on(async {
+            let mut hello = Vec::new();
+            let h = protocol::Hello {
+                version: 1,
+                export: "disk".into(),
+                access: protocol::Access::ReadOnly,
+                session: None,
+                max_transfer: 4096,
+                features: 0,
+            };
+            protocol::encode_hello(&mut hello, &h);
+            tx.send(&hello).await.unwrap();
+            assert!(rx.recv_owned(&limits, &pool).await.is_err());
+        });
+    }
+
+    #[test]
+    fn a_stream_ending_inside_an_owned_payload_is_an_error() {
+        let ((mut tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+        let limits = Limits {
+            max_transfer: 1 << 20,
+        };
+        let pool = Pool::new(1 << 20);
+        smol::block_on(async {
+            let (h, data) = write(1, 200_000);
+            let mut frame = Vec::new();
+            protocol::encode_request(&mut frame, &h, &data);
+            tx.send(&frame[..150_000]).await.unwrap();
+            tx.close().await.unwrap();
+            let err = rx.recv_owned(&limits, &pool).await.unwrap_err();
+            assert!(err.to_string().contains("inside a frame"), "{err}");
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn owned_payloads_read_intact_whatever_the_record_boundaries(
+            sizes in proptest::collection::vec(
+                prop_oneof![0usize..100, 0usize..20_000, 0usize..300_000], 1..24),
+            ends in proptest::collection::vec(any::<bool>(), 1..8),
+        ) {
+            let ((tx, _), (_, mut rx)) = pair(Cipher::ChaChaPoly);
+            let expect = sizes.clone();
+            let sender = std::thread::spawn(move || send_frames(tx, sizes, ends));
+            receive_owned(&mut rx, &expect, &Pool::new(1 << 20));
+            sender.join().unwrap();
+        }
     }
 
     #[test]

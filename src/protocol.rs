@@ -187,6 +187,14 @@ pub enum Frame<'a> {
     Reply(ReplyHeader, &'a [u8]),
 }
 
+/// The fixed part of a REQUEST or REPLY frame, decoded before its payload is in, so that a
+/// receiver can place the payload where it is wanted (see [`decode_head`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    Request(RequestHeader),
+    Reply(ReplyHeader),
+}
+
 mod tag {
     pub const VERSION: u16 = 1;
     pub const EXPORT: u16 = 2;
@@ -364,6 +372,33 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Frame<'a>, us
     Ok((frame, total))
 }
 
+/// Decodes the head of the first frame in `buf` without its payload: for a REQUEST or
+/// REPLY, its fixed part, checked as [`decode_frame`] checks it (the payload's length
+/// included), and the bytes the head takes; the payload is the rest of the frame.
+/// `None` for a HELLO or WELCOME, which have no payload to place.
+pub fn decode_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, DecodeError> {
+    let total = frame_len(buf, limits)?;
+    if buf.len() < FRAME_HEADER {
+        return Err(DecodeError::Incomplete);
+    }
+    let fixed = match buf[4] {
+        KIND_REQUEST => REQUEST_HEADER,
+        KIND_REPLY => REPLY_HEADER,
+        KIND_HELLO | KIND_WELCOME => return Ok(None),
+        k => return malformed(format!("unknown frame kind {k}")),
+    };
+    // A frame too short for its fixed part is refused below, not waited on.
+    let head = total.min(FRAME_HEADER + fixed);
+    if buf.len() < head {
+        return Err(DecodeError::Incomplete);
+    }
+    let (b, payload) = (&buf[FRAME_HEADER..head], total - head);
+    Ok(Some(match buf[4] {
+        KIND_REQUEST => (Head::Request(request_head(b, payload, limits)?), head),
+        _ => (Head::Reply(reply_head(b, payload, limits)?), head),
+    }))
+}
+
 fn be_u16(b: &[u8]) -> u16 {
     u16::from_be_bytes(b[..2].try_into().unwrap())
 }
@@ -378,6 +413,12 @@ fn decode_request<'a>(
     b: &'a [u8],
     limits: &Limits,
 ) -> Result<(RequestHeader, &'a [u8]), DecodeError> {
+    let (head, data) = b.split_at(b.len().min(REQUEST_HEADER));
+    Ok((request_head(head, data.len(), limits)?, data))
+}
+
+/// Checks the fixed part of a REQUEST body, `payload` bytes following it.
+fn request_head(b: &[u8], payload: usize, limits: &Limits) -> Result<RequestHeader, DecodeError> {
     if b.len() < REQUEST_HEADER {
         return malformed("short request");
     }
@@ -400,7 +441,6 @@ fn decode_request<'a>(
         offset: be_u64(&b[20..]),
         length: be_u32(&b[28..]),
     };
-    let data = &b[REQUEST_HEADER..];
     if h.floor > h.txid {
         return malformed("request floor above its own transaction id");
     }
@@ -415,19 +455,24 @@ fn decode_request<'a>(
     } else {
         0
     };
-    if data.len() != want {
+    if payload != want {
         return malformed(format!(
-            "{op:?} request carries {} payload bytes, expected {want}",
-            data.len()
+            "{op:?} request carries {payload} payload bytes, expected {want}"
         ));
     }
     if !op.has_range() && (h.offset != 0 || h.length != 0) {
         return malformed(format!("{op:?} request with a range"));
     }
-    Ok((h, data))
+    Ok(h)
 }
 
 fn decode_reply<'a>(b: &'a [u8], limits: &Limits) -> Result<(ReplyHeader, &'a [u8]), DecodeError> {
+    let (head, data) = b.split_at(b.len().min(REPLY_HEADER));
+    Ok((reply_head(head, data.len(), limits)?, data))
+}
+
+/// Checks the fixed part of a REPLY body, `payload` bytes following it.
+fn reply_head(b: &[u8], payload: usize, limits: &Limits) -> Result<ReplyHeader, DecodeError> {
     if b.len() < REPLY_HEADER {
         return malformed("short reply");
     }
@@ -435,14 +480,13 @@ fn decode_reply<'a>(b: &'a [u8], limits: &Limits) -> Result<(ReplyHeader, &'a [u
         txid: be_u64(b),
         status: be_u32(&b[8..]),
     };
-    let data = &b[REPLY_HEADER..];
-    if data.len() > limits.max_transfer as usize {
+    if payload > limits.max_transfer as usize {
         return malformed("reply data over the negotiated maximum transfer");
     }
-    if h.status != 0 && !data.is_empty() {
+    if h.status != 0 && payload != 0 {
         return malformed("error reply with data");
     }
-    Ok((h, data))
+    Ok(h)
 }
 
 /// Iterates over the (tag, value) fields of a HELLO or WELCOME, rejecting duplicates.
@@ -673,6 +717,36 @@ mod tests {
                 if let Ok((_, used)) = decode_frame(&buf, &LIMITS) {
                     prop_assert!(used <= buf.len());
                 }
+            }
+        }
+
+        #[test]
+        fn heads_decode_as_their_whole_frames((h, data) in request(), reply in any::<bool>(), w in welcome(),
+                                              pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut buf = Vec::new();
+            match byte % 4 {
+                0 => encode_welcome(&mut buf, &w),
+                _ if reply => encode_reply(&mut buf, &ReplyHeader { txid: h.txid, status: 0 }, &data),
+                _ => encode_request(&mut buf, &h, &data),
+            }
+            if byte % 3 == 0 {
+                let i = pos.index(buf.len());
+                buf[i] ^= byte | 1;
+            }
+            match (decode_frame(&buf, &LIMITS), decode_head(&buf, &LIMITS)) {
+                (Ok((Frame::Request(fh, d), used)), Ok(Some((Head::Request(hh), head)))) => {
+                    prop_assert_eq!((fh, head + d.len()), (hh, used));
+                    // The head's bytes are all it needs.
+                    prop_assert_eq!(decode_head(&buf[..head], &LIMITS), Ok(Some((Head::Request(hh), head))));
+                }
+                (Ok((Frame::Reply(fh, d), used)), Ok(Some((Head::Reply(hh), head)))) => {
+                    prop_assert_eq!((fh, head + d.len()), (hh, used));
+                }
+                (Ok((Frame::Hello(_) | Frame::Welcome(_), _)), Ok(None)) => {}
+                (Err(DecodeError::Malformed(_)), Err(DecodeError::Malformed(_)) | Ok(None)) => {}
+                // A damaged length may make the whole frame incomplete, not its head.
+                (Err(DecodeError::Incomplete), _) => {}
+                (f, hd) => prop_assert!(false, "frame {:?} but head {:?}", f, hd),
             }
         }
 

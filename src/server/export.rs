@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::checksums::{self, ChecksumTable};
+use crate::pool::Pool;
 use crate::protocol::{Op, SessionId};
 
 /// How an export is given on the command line: `NAME=PATH[:ro][:checksums[=TABLE]]`.
@@ -201,8 +202,17 @@ impl Export {
             .is_some_and(|end| end <= self.size)
     }
 
-    /// Executes one request; blocking, so run it off the network tasks.
-    pub fn execute(&self, op: Op, fua: bool, offset: u64, length: u32, data: &[u8]) -> Outcome {
+    /// Executes one request; blocking, so run it off the network tasks. `data` is a
+    /// write's payload; a read's data is read into a buffer from `pool`.
+    pub fn execute(
+        &self,
+        op: Op,
+        fua: bool,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+        pool: &Pool,
+    ) -> Outcome {
         let sums = self.checksums.as_ref();
         let result = match op {
             Op::Read => {
@@ -210,8 +220,14 @@ impl Export {
                 let read = match sums {
                     Some(t) => t.read(offset, length),
                     None => {
-                        let mut buf = vec![0u8; length as usize];
-                        self.file.read_exact_at(&mut buf, offset).map(|()| buf)
+                        let mut buf = pool.take(length as usize);
+                        match self.file.read_exact_at(&mut buf, offset) {
+                            Ok(()) => Ok(buf),
+                            Err(e) => {
+                                pool.put(buf);
+                                Err(e)
+                            }
+                        }
                     }
                 };
                 return match read {

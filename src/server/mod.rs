@@ -1,15 +1,17 @@
 //! The export node: listening, handshakes, negotiation, sessions, permissions, and the
 //! execution of requests on the exports.
 //!
-//! Each connection has a reader task that decodes requests and a writer task that
-//! batches replies into few channel sends. Requests run on the blocking pool, so a slow
-//! disk never stalls the network. A session outlives its connection: a client that
-//! reconnects resumes it, and its reply cache answers resent transactions.
+//! Each connection has a reader task that decodes requests, write payloads decrypted
+//! straight into pooled buffers. Requests run on the I/O threads, so a slow disk never
+//! stalls the network, and the thread that executed a request sends its reply (see
+//! `replies`). A session outlives its connection: a client that reconnects resumes it,
+//! and its reply cache answers resent transactions.
 
 pub mod auth;
 pub mod checksums;
 pub mod export;
 pub mod limits;
+mod replies;
 pub mod reply_cache;
 pub mod workers;
 
@@ -24,16 +26,17 @@ use std::time::{Duration, Instant};
 use smol::future::FutureExt;
 use smol::net::{TcpListener, TcpStream};
 
-use crate::channel::{self, Cipher, Outgoing, Sender};
+use crate::channel::{self, Cipher, OwnedFrame, Sender};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
 use crate::protocol::{
-    self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
+    self, features, Access, ExportInfo, Frame, Head, Hello, Limits, Op, ReplyHeader, RequestHeader,
     SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
 use auth::{AuthorizedKeys, Grant};
 use export::{Export, ExportSpec};
 use limits::{Slot, Tally};
+use replies::{Replies, Reply};
 use reply_cache::{Admit, ReplyCache};
 use workers::Workers;
 
@@ -90,8 +93,6 @@ fn io_threads() -> usize {
 
 /// Window space a request holds at least: what its reply costs to queue.
 const REPLY_COST: usize = 128;
-/// Replies batched into one channel send, at most.
-const REPLY_BATCH: usize = 256 << 10;
 
 /// A running server: bound, with its exports open.
 pub struct Server {
@@ -118,7 +119,7 @@ struct Shared {
     pool: Arc<Pool>,
     shutting_down: AtomicBool,
     stop: event_listener::Event,
-    /// Requests executing on the blocking pool, over all sessions.
+    /// Requests executing on the I/O threads, over all sessions.
     executing: AtomicUsize,
     idle: event_listener::Event,
     next_conn: AtomicU64,
@@ -147,14 +148,8 @@ struct Session {
 struct SessionState {
     cache: ReplyCache,
     /// Where replies go: the session's current connection, if it has one.
-    sink: Option<(u64, smol::channel::Sender<Reply>)>,
+    sink: Option<(u64, Arc<Replies<TcpStream>>)>,
     detached_since: Option<Instant>,
-}
-
-struct Reply {
-    header: ReplyHeader,
-    data: Vec<u8>,
-    _permit: Option<Permit>,
 }
 
 impl Server {
@@ -257,17 +252,7 @@ impl Server {
                 log::error!("export '{}': final sync failed: {e}", export.name);
             }
         }
-        // Let writer tasks send the last replies.
-        let sinks: Vec<_> = shared
-            .sessions
-            .lock()
-            .unwrap()
-            .values()
-            .filter_map(|s| s.state.lock().unwrap().sink.take())
-            .collect();
-        for (_, sink) in sinks {
-            sink.close();
-        }
+        // Let the last replies go out.
         smol::Timer::after(Duration::from_millis(100)).await;
         log::info!("all exports synced; bye");
         Ok(())
@@ -328,13 +313,23 @@ impl Shared {
             session.export.name,
             session.access
         );
-        let (sink, replies) = smol::channel::unbounded();
-        session.attach(conn, sink);
-        let writer = smol::spawn(write_replies(tx, replies, self.pool.clone()));
-        let why = self.read_requests(&session, conn, &mut rx).await;
+        let replies = Replies::new(tx, self.pool.clone());
+        session.attach(conn, replies.clone());
+        let stopped = async {
+            let stop = self.stop.listen();
+            if !self.shutting_down.load(Ordering::SeqCst) {
+                stop.await;
+            }
+            "the server is shutting down".to_string()
+        };
+        let why = self
+            .read_requests(&session, conn, &mut rx)
+            .or(replies.ended())
+            .or(stopped)
+            .await;
         log::info!("{peer}: connection {conn} closed: {why}");
         session.detach(conn);
-        writer.await;
+        replies.close().await;
     }
 
     /// Handshake and negotiation. Also returns the connection's place among its key's.
@@ -549,17 +544,11 @@ impl Shared {
             max_transfer: self.max_transfer,
         };
         loop {
-            let stopped = async {
-                let stop = self.stop.listen();
-                if !self.shutting_down.load(Ordering::SeqCst) {
-                    stop.await;
-                }
-                Err(channel::ChannelError::Protocol(
-                    "server shutting down".into(),
-                ))
-            };
-            let (h, data) = match rx.recv(&limits).or(stopped).await {
-                Ok(Some(Frame::Request(h, data))) => (h, data),
+            let (h, data) = match rx.recv_owned(&limits, &self.pool).await {
+                Ok(Some(OwnedFrame {
+                    head: Head::Request(h),
+                    payload,
+                })) => (h, payload),
                 Ok(Some(_)) => return "unexpected frame after negotiation".into(),
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return e.to_string(),
@@ -577,38 +566,40 @@ impl Shared {
                     status,
                 },
                 data: Vec::new(),
-                _permit: Some(permit),
+                _permit: permit,
             };
-            if let Some(status) = self.refuse(session, &h) {
-                session.reply(conn, answer(status, permit));
-                continue;
-            }
-            if h.op == Op::Ping {
-                session.reply(conn, answer(0, permit));
-                continue;
-            }
-            let admit =
-                session
-                    .state
-                    .lock()
-                    .unwrap()
-                    .cache
-                    .admit(h.txid, h.floor, h.op == Op::Read);
+            let admit = match self.refuse(session, &h) {
+                Some(status) => Admit::Answer(status),
+                None if h.op == Op::Ping => Admit::Answer(0),
+                None => {
+                    session
+                        .state
+                        .lock()
+                        .unwrap()
+                        .cache
+                        .admit(h.txid, h.floor, h.op == Op::Read)
+                }
+            };
             match admit {
                 Admit::Execute => {}
-                Admit::Join | Admit::Stale => continue,
+                Admit::Join | Admit::Stale => {
+                    self.pool.put(data);
+                    continue;
+                }
                 Admit::Answer(status) => {
+                    self.pool.put(data);
                     session.reply(conn, answer(status, permit));
                     continue;
                 }
             }
-            let data = self.pool.copy_of(data);
             self.executing.fetch_add(1, Ordering::SeqCst);
             let (shared, session) = (self.clone(), session.clone());
             // The worker answers too: no task to wake between the disk and the reply.
             self.workers.spawn(move || {
                 let fua = h.flags & FLAG_FUA != 0;
-                let (status, read) = session.export.execute(h.op, fua, h.offset, h.length, &data);
+                let export = &session.export;
+                let (status, read) =
+                    export.execute(h.op, fua, h.offset, h.length, &data, &shared.pool);
                 shared.pool.put(data);
                 let header = ReplyHeader {
                     txid: h.txid,
@@ -619,7 +610,7 @@ impl Shared {
                     Reply {
                         header,
                         data: read,
-                        _permit: Some(permit),
+                        _permit: permit,
                     },
                 );
                 if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -649,7 +640,7 @@ impl Shared {
 }
 
 impl Session {
-    fn attach(&self, conn: u64, sink: smol::channel::Sender<Reply>) {
+    fn attach(&self, conn: u64, sink: Arc<Replies<TcpStream>>) {
         let mut st = self.state.lock().unwrap();
         st.sink = Some((conn, sink));
         st.detached_since = None;
@@ -673,66 +664,28 @@ impl Session {
 
     /// Sends a reply on the connection `conn`, if it is still the session's.
     fn reply(&self, conn: u64, reply: Reply) {
-        let st = self.state.lock().unwrap();
-        if let Some((c, sink)) = &st.sink {
-            if *c == conn {
-                let _ = sink.try_send(reply);
-            }
+        let turn = match &self.state.lock().unwrap().sink {
+            Some((c, sink)) if *c == conn => sink.queue(reply),
+            _ => None,
+        };
+        if let Some(turn) = turn {
+            turn.send();
         }
     }
 
-    /// Records an executed transaction and sends its reply on the current connection.
-    /// Both happen under one lock, so a resend sees either the result or the execution.
+    /// Records an executed transaction and queues its reply on the current connection.
+    /// Both happen under one lock, so a resend sees either the result or the execution;
+    /// the reply is sent after the lock is let go.
     fn complete(&self, txid: u64, reply: Reply) {
-        let mut st = self.state.lock().unwrap();
-        st.cache.complete(txid, reply.header.status);
-        if let Some((_, sink)) = &st.sink {
-            let _ = sink.try_send(reply);
+        let turn = {
+            let mut st = self.state.lock().unwrap();
+            st.cache.complete(txid, reply.header.status);
+            st.sink.as_ref().and_then(|(_, sink)| sink.queue(reply))
+        };
+        if let Some(turn) = turn {
+            turn.send();
         }
     }
-}
-
-/// Encodes replies in batches and sends them; ends when the session lets go of the sink.
-/// Read data is encrypted from its own buffer, which then goes back to the pool.
-async fn write_replies(
-    mut tx: Sender<TcpStream>,
-    replies: smol::channel::Receiver<Reply>,
-    pool: Arc<Pool>,
-) {
-    let mut batch = Vec::new();
-    let mut out = Outgoing::default();
-    while let Ok(first) = replies.recv().await {
-        batch.clear();
-        let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(r) = next {
-            bytes += r.data.len() + protocol::REPLY_HEADER;
-            batch.push(r);
-            next = if bytes < REPLY_BATCH {
-                replies.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        out.clear();
-        for (i, r) in batch.iter().enumerate() {
-            if r.data.len() < Outgoing::INLINE {
-                protocol::encode_reply(out.staged(), &r.header, &r.data);
-            } else {
-                protocol::encode_reply_head(out.staged(), &r.header, r.data.len());
-                out.payload(i);
-            }
-        }
-        let sent = tx.send_parts(&out.parts(|i| &batch[i].data)).await;
-        for r in batch.drain(..) {
-            pool.put(r.data);
-        }
-        if let Err(e) = sent {
-            log::debug!("sending replies failed: {e}");
-            break;
-        }
-    }
-    let _ = tx.close().await;
 }
 
 /// Bounds the bytes of requests a session has executing or waiting to be sent back, so

@@ -1,6 +1,6 @@
-//! A fixed pool of threads for the blocking I/O on exports. A few threads keep the disk
-//! busy; many would only queue on the file's inode lock, spinning on the CPU the network
-//! and the ciphers need.
+//! A fixed pool of threads for the blocking I/O on exports; a job also sends its reply,
+//! encryption included. A few threads keep the disk busy; many would only queue on the
+//! file's inode lock, spinning on the CPU the network and the ciphers need.
 
 use std::thread;
 
