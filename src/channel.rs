@@ -581,6 +581,7 @@ impl<R> Receiver<R> {
             plain,
             pos,
             end,
+            torn,
         } = self;
         Receiver {
             reader,
@@ -592,6 +593,7 @@ impl<R> Receiver<R> {
             plain,
             pos,
             end,
+            torn,
         }
     }
 }

@@ -185,7 +185,12 @@ fn stalls_shorter_than_the_resend_budget_never_error_longer_ones_fail_with_eio()
 fn in_flight_bytes_never_exceed_the_window() {
     let s = Setup::new();
     let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
-    let mut cfg = engine_config(s.client(&server, "disk", Access::ReadWrite));
+    // Replies held back, so that the writers outpace them and fill the window.
+    let proxy = Proxy::start(server.addr);
+    proxy.set_fault(Fault::Delay(Duration::from_millis(10)));
+    let mut client = s.client(&server, "disk", Access::ReadWrite);
+    client.server = proxy.addr().to_string();
+    let mut cfg = engine_config(client);
     cfg.window_requests = 8;
     cfg.window_bytes = 1 << 20;
     let engine = smol::block_on(Engine::start(cfg)).unwrap();

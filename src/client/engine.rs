@@ -24,9 +24,9 @@ use super::stats::Stats;
 use super::table::{Table, Tx, Window};
 use super::{ClientConfig, ClientError, Connection, Parts};
 use crate::blocking::ThreadReader;
-use crate::channel::{Outgoing, Receiver, Sender};
+use crate::channel::{Outgoing, OwnedFrame, Receiver, Sender};
 use crate::pool::Pool;
-use crate::protocol::{self, ExportInfo, Frame, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
+use crate::protocol::{self, ExportInfo, Head, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
 
 /// Transaction id of pings; they live outside the table and never reach the reply cache.
 const PING_TXID: u64 = u64::MAX;
@@ -572,10 +572,11 @@ impl Inner {
     }
 
     /// Resolves an acked transaction.
-    fn complete(&self, txid: u64, mut status: u32, data: &[u8]) {
+    fn complete(&self, txid: u64, mut status: u32, data: Vec<u8>) {
         let tx = {
             let mut st = self.state.lock().unwrap();
             let Some(tx) = st.table.complete(txid) else {
+                self.pool.put(data);
                 return;
             };
             if status == 0 && tx.op.modifies() {
@@ -604,9 +605,11 @@ impl Inner {
         };
         self.room.notify(usize::MAX);
         let outcome = match status {
-            0 if data.is_empty() => Ok(Vec::new()),
-            0 => Ok(self.pool.copy_of(data)),
-            _ => Err(status as i32),
+            0 => Ok(data),
+            _ => {
+                self.pool.put(data);
+                Err(status as i32)
+            }
         };
         (tx.waiter.done)(outcome);
         // Unless a resend of it is being encrypted right now, the buffer is free again.
@@ -861,12 +864,16 @@ impl Inner {
         link: &Link,
     ) -> String {
         loop {
-            match receiver.recv(limits).await {
-                Ok(Some(Frame::Reply(h, data))) => {
+            // Read data is decrypted straight into the buffer handed to the caller.
+            match receiver.recv_owned(limits, &self.pool).await {
+                Ok(Some(OwnedFrame {
+                    head: Head::Reply(h),
+                    payload,
+                })) => {
                     *link.last_heard.lock().unwrap() = Instant::now();
                     *link.ping_sent.lock().unwrap() = None;
                     if h.txid != PING_TXID {
-                        self.complete(h.txid, h.status, data);
+                        self.complete(h.txid, h.status, payload);
                     }
                 }
                 Ok(Some(_)) => return "the server sent a frame other than a reply".into(),
