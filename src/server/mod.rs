@@ -1,7 +1,7 @@
 //! The export node: listening, handshakes, negotiation, sessions, permissions, and the
 //! execution of requests on the exports.
 //!
-//! Each connection has a reader task that decodes requests, write payloads decrypted
+//! Handshakes run as tasks; then each connection has a reader thread that decodes requests, write payloads decrypted
 //! straight into pooled buffers. Requests run on the I/O threads, so a slow disk never
 //! stalls the network, and the thread that executed a request sends its reply (see
 //! `replies`). A session outlives its connection: a client that reconnects resumes it,
@@ -24,8 +24,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use smol::future::FutureExt;
-use smol::net::{TcpListener, TcpStream};
+use smol::net::{Shutdown, TcpListener, TcpStream};
 
+use crate::blocking::ThreadReader;
 use crate::channel::{self, Cipher, OwnedFrame, Sender};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
@@ -298,9 +299,9 @@ impl Shared {
                 self.handshake_timeout
             ))
         };
-        let opened = self.open(stream.clone(), stream).or(timeout).await;
+        let opened = self.open(stream.clone(), stream.clone()).or(timeout).await;
         drop(handshake);
-        let (tx, mut rx, session, _key_slot) = match opened {
+        let (tx, rx, session, _key_slot) = match opened {
             Ok(v) => v,
             Err(why) => {
                 log::info!("connection from {peer} closed: {why}");
@@ -322,11 +323,38 @@ impl Shared {
             }
             "the server is shutting down".to_string()
         };
-        let why = self
-            .read_requests(&session, conn, &mut rx)
-            .or(replies.ended())
-            .or(stopped)
-            .await;
+        // Requests are read on a thread of their own, which the kernel wakes when they
+        // come and which hands each to a worker: no reactor between the socket and the disk.
+        let (ended_tx, ended) = smol::channel::bounded(1);
+        let (closing_tx, closing) = smol::channel::bounded::<()>(1);
+        let reader = ThreadReader::new(&stream).and_then(|reader| {
+            let mut rx = rx.with_reader(reader);
+            let (shared, session) = (self.clone(), session.clone());
+            std::thread::Builder::new()
+                .name(format!("dst-conn-{conn}"))
+                .spawn(move || {
+                    let read = shared.read_requests(&session, conn, &mut rx, &closing);
+                    let _ = ended_tx.send_blocking(smol::block_on(read));
+                })
+        });
+        let why = match reader {
+            Ok(_) => {
+                let read = async {
+                    ended
+                        .recv()
+                        .await
+                        .unwrap_or_else(|_| "the request reader stopped".into())
+                };
+                read.or(replies.ended()).or(stopped).await
+            }
+            Err(e) => format!("cannot start a reader for the connection: {e}"),
+        };
+        // The reader stops at once, blocked on the socket or on the window, and is waited
+        // for, so nothing more of this connection executes once it is detached. Replies
+        // already queued still go out.
+        drop(closing_tx);
+        let _ = stream.shutdown(Shutdown::Read);
+        let _ = ended.recv().await;
         log::info!("{peer}: connection {conn} closed: {why}");
         session.detach(conn);
         replies.close().await;
@@ -533,12 +561,14 @@ impl Shared {
         });
     }
 
-    /// Reads and dispatches requests until the connection ends; returns why it ended.
+    /// Reads and dispatches requests until the connection ends or `closing` closes; returns
+    /// why it ended.
     async fn read_requests(
         self: &Arc<Self>,
         session: &Arc<Session>,
         conn: u64,
-        rx: &mut channel::Receiver<TcpStream>,
+        rx: &mut channel::Receiver<ThreadReader>,
+        closing: &smol::channel::Receiver<()>,
     ) -> String {
         let limits = Limits {
             max_transfer: self.max_transfer,
@@ -559,7 +589,15 @@ impl Shared {
                 Op::Read | Op::Write => h.length as usize,
                 _ => 0,
             };
-            let permit = session.window.acquire(cost.max(REPLY_COST)).await;
+            let acquire = async { Some(session.window.acquire(cost.max(REPLY_COST)).await) };
+            let closed = async {
+                let _ = closing.recv().await;
+                None
+            };
+            let Some(permit) = acquire.or(closed).await else {
+                self.pool.put(data);
+                return "closing".into();
+            };
             let answer = |status, permit| Reply {
                 header: ReplyHeader {
                     txid: h.txid,
