@@ -1,10 +1,10 @@
 //! The export node: listening, handshakes, negotiation, sessions, permissions, and the
 //! execution of requests on the exports.
 //!
-//! Handshakes run as tasks; then each connection has a reader thread that decodes requests, write payloads decrypted
-//! straight into pooled buffers. Requests run on the I/O threads, so a slow disk never
-//! stalls the network, and the thread that executed a request sends its reply (see
-//! `replies`). A session outlives its connection: a client that reconnects resumes it,
+//! Handshakes run as tasks; then each connection has a reader thread that decodes
+//! requests, write payloads decrypted straight into pooled buffers. Requests run on the
+//! I/O threads, so a slow disk never stalls the network, and the thread that executed a
+//! request sends its reply (see `replies`). A session outlives its connection: a client that reconnects resumes it,
 //! and its reply cache answers resent transactions.
 
 pub mod auth;
