@@ -568,6 +568,12 @@ const HEAD_MAX: usize = protocol::FRAME_HEADER
     };
 
 impl<R> Receiver<R> {
+    /// Whether everything read from the stream so far was returned as frames: the peer has
+    /// sent nothing more yet, as far as this side knows.
+    pub fn is_drained(&self) -> bool {
+        self.pos == self.end && self.in_pos == self.in_end
+    }
+
     /// The same channel, read through `reader` from here on (the same stream, read another
     /// way); what was read and not yet decoded is kept.
     pub fn with_reader<R2>(self, reader: R2) -> Receiver<R2> {

@@ -630,10 +630,10 @@ impl Shared {
                     continue;
                 }
             }
-            self.executing.fetch_add(1, Ordering::SeqCst);
+            let alone = self.executing.fetch_add(1, Ordering::SeqCst) == 0;
             let (shared, session) = (self.clone(), session.clone());
-            // The worker answers too: no task to wake between the disk and the reply.
-            self.workers.spawn(move || {
+            // Whoever executes also answers: no task to wake between the disk and the reply.
+            let job = move || {
                 let fua = h.flags & FLAG_FUA != 0;
                 let export = &session.export;
                 let (status, read) =
@@ -654,7 +654,17 @@ impl Shared {
                 if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
                     shared.idle.notify(usize::MAX);
                 }
-            });
+            };
+            // Alone, a write into the page cache is latency-bound (the write before an
+            // fsync): run it here rather than wake a worker for it. What may wait on the
+            // disk (reads, flushes, FUA) or has company, executing or already received,
+            // goes to the workers, so that this reader goes on reading.
+            let quick = h.op == Op::Write && h.flags & FLAG_FUA == 0;
+            if alone && quick && rx.is_drained() {
+                job();
+            } else {
+                self.workers.spawn(job);
+            }
         }
     }
 
