@@ -36,6 +36,8 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bytes of idle buffers the pool keeps at most.
 const POOL_BYTES: usize = 16 << 20;
+/// Read replies from this size on are handed to their callers on an executor thread.
+const HANDOFF_BYTES: usize = 64 << 10;
 /// Largest trim or write-zeroes range in one transaction.
 const RANGE_CHUNK: u64 = 1 << 30;
 
@@ -611,7 +613,14 @@ impl Inner {
                 Err(status as i32)
             }
         };
-        (tx.waiter.done)(outcome);
+        match &outcome {
+            // Handing a large read to its caller is a copy as long as the decryption: on
+            // another thread, the reader goes on decrypting the next reply meanwhile.
+            Ok(data) if data.len() >= HANDOFF_BYTES => {
+                smol::spawn(async move { (tx.waiter.done)(outcome) }).detach();
+            }
+            _ => (tx.waiter.done)(outcome),
+        }
         // Unless a resend of it is being encrypted right now, the buffer is free again.
         if let Ok(data) = Arc::try_unwrap(tx.data) {
             self.pool.put(data);
