@@ -2,15 +2,15 @@
 //! lives until the export node acks it.
 //!
 //! Callers submit concurrently and wait for room in the window rather than grow memory.
-//! Whoever submits also sends: the first thread to find the wire free encrypts and sends
-//! everything queued, so a request reaches the socket without waking another thread,
-//! and under load requests leave in batches. One driver task keeps a connection: its
-//! reader resolves transactions from replies and calls their completions right there,
-//! a writer sends what timers queue (resends, pings), and a watchdog pings an idle
-//! connection and declares it dead when a ping goes unanswered. A lost connection is re-established
-//! with backoff, the session resumed, and every unacked transaction sent again; the
-//! server's reply cache makes those resends execute at most once. A timer resends what
-//! is not acked within the resend timeout and fails it with EIO after the resend count.
+//! A request alone in flight is encrypted and sent by the thread that submits it, so it
+//! reaches the socket without waking another thread; with company, a writer task sends
+//! everything queued in one batch, along with resends and pings. One driver task keeps a
+//! connection: a reader thread resolves transactions from replies and calls their
+//! completions right there, and a watchdog pings an idle connection and declares it dead
+//! when a ping goes unanswered. A lost connection is re-established with backoff, the
+//! session resumed, and every unacked transaction sent again; the server's reply cache
+//! makes those resends execute at most once. A timer resends what is not acked within the
+//! resend timeout and fails it with EIO after the resend count.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
