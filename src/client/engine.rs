@@ -262,9 +262,9 @@ impl Engine {
         self.inner.pool.put(buf);
     }
 
-    /// Starts a read without waiting: `done` gets the data (a pooled buffer, see
-    /// [`Engine::recycle`]) or an errno, on the thread that resolves it. Never blocks on
-    /// the network; when the window is full the read waits for room in a task.
+    /// Starts a read without waiting for it: `done` gets the data (a pooled buffer, see
+    /// [`Engine::recycle`]) or an errno, on the thread that resolves it. This thread at
+    /// most sends the request; when the window is full, a task waits for room instead.
     pub fn start_read(&self, offset: u64, len: u32, done: impl FnOnce(Outcome) + Send + 'static) {
         if len > self.inner.info.max_transfer {
             let engine = self.clone();
