@@ -2,9 +2,10 @@
 //! the export (its size is the export's) and a hidden, read-only `.stats` file with the
 //! engine's live counters.
 //!
-//! Requests that need the export node are started on the FUSE thread, which also sends them
-//! when the connection is free (no thread to wake on the way out), and are answered by the
-//! engine's reader as their acks arrive (none on the way back). The loop never waits for an
+//! Requests that need the export node are started on the FUSE thread, which also sends one
+//! alone in flight (no thread to wake on the way out), and are answered by the engine's
+//! reply thread as their acks arrive (none on the way back; large reads are answered on an
+//! executor thread, so that their copy does not hold up the replies behind them). The loop never waits for an
 //! ack, so the kernel can keep many requests in flight and the engine's window, not this
 //! loop, bounds them. Reads and writes map to transactions,
 //! fsync/fdatasync and the flush of a writable handle's close to FLUSH, and fallocate's
