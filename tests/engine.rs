@@ -220,6 +220,69 @@ fn in_flight_bytes_never_exceed_the_window() {
     assert_eq!(stats.bytes_written, 64 << 20);
 }
 
+/// The path dst-mount takes: requests started from one thread, completions called back
+/// from the engine's threads, past a full window.
+#[test]
+fn started_requests_complete_exactly_once_each_past_a_full_window() {
+    const N: u64 = 64;
+    const LEN: usize = 64 << 10;
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    // Replies held back, so that most requests find the window full and wait for room.
+    let proxy = Proxy::start(server.addr);
+    proxy.set_fault(Fault::Delay(Duration::from_millis(5)));
+    let mut client = s.client(&server, "disk", Access::ReadWrite);
+    client.server = proxy.addr().to_string();
+    let mut cfg = engine_config(client);
+    cfg.window_requests = 4;
+    let engine = smol::block_on(Engine::start(cfg)).unwrap();
+    let (done, results) = std::sync::mpsc::channel();
+    let collect = |n: u64| -> Vec<(u64, Result<Vec<u8>, i32>)> {
+        let mut got: Vec<_> = (0..n)
+            .map(|_| results.recv_timeout(Duration::from_secs(30)).unwrap())
+            .collect();
+        got.sort_by_key(|(i, _)| *i);
+        got
+    };
+    for i in 0..N {
+        let done = done.clone();
+        let data = engine.buffer(&pattern(LEN, i));
+        engine.start_write(i * LEN as u64, data, false, move |r| {
+            done.send((i, r.map(|()| Vec::new()))).unwrap()
+        });
+    }
+    let writes = collect(N);
+    assert_eq!(
+        writes.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        (0..N).collect::<Vec<_>>()
+    );
+    assert!(writes.iter().all(|(_, r)| r.is_ok()), "{writes:?}");
+    let flushed = done.clone();
+    engine.start_flush(move |r| flushed.send((N, r.map(|()| Vec::new()))).unwrap());
+    assert!(collect(1)[0].1.is_ok());
+    for i in 0..N {
+        let done = done.clone();
+        engine.start_read(i * LEN as u64, LEN as u32, move |r| {
+            done.send((i, r)).unwrap()
+        });
+    }
+    for (i, r) in collect(N) {
+        assert!(
+            r.unwrap() == pattern(LEN, i),
+            "read {i} returned other data"
+        );
+    }
+    // Every completion came once: nothing more arrives.
+    assert!(results.recv_timeout(Duration::from_millis(200)).is_err());
+    assert_eq!(engine.stats().requests, 2 * N + 1);
+    smol::block_on(engine.close());
+    let last = (N - 1) * LEN as u64;
+    assert!(
+        file_bytes(&s.path("disk.img"), last, LEN) == pattern(LEN, N - 1),
+        "the image holds the last write"
+    );
+}
+
 #[test]
 fn a_resent_write_never_overtakes_a_newer_one() {
     let s = Setup::new();
