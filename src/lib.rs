@@ -8,7 +8,7 @@
 //! ```
 //!
 //! [`protocol`] holds the frames and their strict decoding, [`channel`] the handshake and
-//! encrypted framing, [`server`] the export node, [`client`] the client side, and
+//! encrypted framing ([`transport`] its record cipher), [`server`] the export node, [`client`] the client side, and
 //! [`keys`] the key files both sides use. On the client, [`fuse`] shows an export as one
 //! file, [`mount`] runs a mount from start to unmount, and [`mount_options`] parses what
 //! mount(8), fstab and `dst-mount` are given.
@@ -23,4 +23,5 @@ pub mod mount_options;
 pub mod pool;
 pub mod protocol;
 pub mod server;
+pub mod transport;
 pub mod units;
