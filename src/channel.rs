@@ -20,7 +20,7 @@
 //! Transport: records `len:u16 ciphertext` of at most 65535 bytes (the Noise limit). The
 //! plaintext of consecutive records is one byte stream of [`protocol`](crate::protocol)
 //! frames, so a large frame spans records and several small frames share one.
-//! Each direction has its own key and nonce counter ([`transport`](crate::transport)), so
+//! Each direction has its own key and nonce counter ([`crate::transport`]), so
 //! the two halves of a connection run independently.
 
 use std::fmt;
