@@ -1,13 +1,15 @@
 //! The export node: listening, handshakes, negotiation, sessions, permissions, and the
 //! execution of requests on the exports.
 //!
-//! Handshakes run as tasks; then each connection has a reader thread that decodes
-//! requests, write payloads decrypted straight into pooled buffers. Requests run on the
-//! I/O threads, so a slow disk never stalls the network, and the thread that executed a
-//! request sends its reply (see `replies`). A session outlives its connection: a client that reconnects resumes it,
+//! Handshakes run as tasks; then each connection has two reader threads, taking turns,
+//! that decode requests, write payloads decrypted straight into pooled buffers. Requests
+//! run on the I/O threads, so a slow disk never stalls the network (a lone request runs on
+//! a reader, the other one reading meanwhile), and the thread that executed a request
+//! sends its reply (see `replies`). A session outlives its connection: a client that reconnects resumes it,
 //! and its reply cache answers resent transactions.
 
 pub mod auth;
+mod baton;
 pub mod checksums;
 pub mod export;
 pub mod limits;
@@ -35,6 +37,7 @@ use crate::protocol::{
     SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
 use auth::{AuthorizedKeys, Grant};
+use baton::Baton;
 use export::{Export, ExportSpec};
 use limits::{Slot, Tally};
 use replies::{Replies, Reply};
@@ -323,20 +326,27 @@ impl Shared {
             }
             "the server is shutting down".to_string()
         };
-        // Requests are read on a thread of their own, which the kernel wakes when they
-        // come and which hands each to a worker: no reactor between the socket and the disk.
-        let (ended_tx, ended) = smol::channel::bounded(1);
+        // Requests are read by threads of their own, which the kernel wakes when they come
+        // and which hand each to a worker: no reactor between the socket and the disk. Two
+        // take turns (see `baton`), so that one can run a lone request itself.
+        let (ended_tx, ended) = smol::channel::bounded(2);
         let (closing_tx, closing) = smol::channel::bounded::<()>(1);
         let reader = ThreadReader::new(&stream).and_then(|reader| {
-            let mut rx = rx.with_reader(reader);
-            let (shared, session) = (self.clone(), session.clone());
-            std::thread::Builder::new()
-                .name(format!("dst-conn-{conn}"))
-                .spawn(move || {
-                    let read = shared.read_requests(&session, conn, &mut rx, &closing);
-                    let _ = ended_tx.send_blocking(smol::block_on(read));
-                })
+            let baton = Arc::new(Baton::new(rx.with_reader(reader)));
+            for _ in 0..2 {
+                let (shared, session, baton) = (self.clone(), session.clone(), baton.clone());
+                let (closing, ended_tx) = (closing.clone(), ended_tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("dst-conn-{conn}"))
+                    .spawn(move || {
+                        let read = shared.read_requests(&session, conn, &baton, &closing);
+                        let _ = ended_tx.send_blocking(smol::block_on(read));
+                        baton.end();
+                    })?;
+            }
+            Ok(())
         });
+        drop(ended_tx);
         let why = match reader {
             Ok(_) => {
                 let read = async {
@@ -349,12 +359,12 @@ impl Shared {
             }
             Err(e) => format!("cannot start a reader for the connection: {e}"),
         };
-        // The reader stops at once, blocked on the socket or on the window, and is waited
+        // The readers stop at once, blocked on the socket or on the window, and are waited
         // for, so nothing more of this connection executes once it is detached. Replies
         // already queued still go out.
         drop(closing_tx);
         let _ = stream.shutdown(Shutdown::Read);
-        let _ = ended.recv().await;
+        while ended.recv().await.is_ok() {}
         log::info!("{peer}: connection {conn} closed: {why}");
         session.detach(conn);
         replies.close().await;
@@ -561,17 +571,20 @@ impl Shared {
         });
     }
 
-    /// Reads and dispatches requests until the connection ends or `closing` closes; returns
-    /// why it ended.
+    /// Reads and dispatches requests, in turns with the connection's other reader, until
+    /// the connection ends or `closing` closes; returns why it ended.
     async fn read_requests(
         self: &Arc<Self>,
         session: &Arc<Session>,
         conn: u64,
-        rx: &mut channel::Receiver<ThreadReader>,
+        baton: &Baton<channel::Receiver<ThreadReader>>,
         closing: &smol::channel::Receiver<()>,
     ) -> String {
         let limits = Limits {
             max_transfer: self.max_transfer,
+        };
+        let Some(mut rx) = baton.take() else {
+            return "closing".into();
         };
         loop {
             let (h, data) = match rx.recv_owned(&limits, &self.pool).await {
@@ -655,15 +668,23 @@ impl Shared {
                     shared.idle.notify(usize::MAX);
                 }
             };
-            // Alone, a write into the page cache is latency-bound (the write before an
-            // fsync): run it here rather than wake a worker for it. What may wait on the
-            // disk (reads, flushes, FUA) or has company, executing or already received,
-            // goes to the workers, so that this reader goes on reading.
+            // A lone request is latency-bound (the write, then the flush, of an fsync): run
+            // it here rather than wake a worker for it. A write into the page cache is
+            // quick, so this thread reads on after it; before what may wait on the disk
+            // (reads, flushes, FUA), the other reader takes over. What has company,
+            // executing or already received, goes to the workers.
             let quick = h.op == Op::Write && h.flags & FLAG_FUA == 0;
-            if alone && quick && rx.is_drained() {
+            if !(alone && rx.is_drained()) {
+                self.workers.spawn(job);
+            } else if quick {
                 job();
             } else {
-                self.workers.spawn(job);
+                baton.put(rx);
+                job();
+                rx = match baton.take() {
+                    Some(rx) => rx,
+                    None => return "closing".into(),
+                };
             }
         }
     }
