@@ -75,8 +75,8 @@ mod tests {
 
     #[test]
     fn an_end_wakes_every_waiter_and_refuses_later_takes() {
-        let baton = Arc::new(Baton::new(()));
-        let held = baton.take();
+        let baton = Arc::new(Baton::new(7));
+        let held = baton.take().unwrap();
         let waiters: Vec<_> = (0..2)
             .map(|_| {
                 let b = baton.clone();
@@ -88,7 +88,7 @@ mod tests {
         for w in waiters {
             assert_eq!(w.join().unwrap(), None);
         }
-        baton.put(held.unwrap());
+        baton.put(held);
         assert_eq!(baton.take(), None);
     }
 }
