@@ -412,14 +412,14 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     /// Parts are encrypted where they lie, so a large payload goes from its buffer into the
     /// ciphertext without a copy; each part starts a record.
     pub async fn send_parts(&mut self, parts: &[&[u8]]) -> Result<(), ChannelError> {
-        self.seal_parts(parts)?;
+        self.seal_parts(parts);
         self.flush().await
     }
 
     /// Encrypts the parts as [`send_parts`](Self::send_parts) does, after whatever was
     /// sealed before, without writing them: [`flush`](Self::flush) or
     /// [`try_flush`](Self::try_flush) does.
-    pub fn seal_parts(&mut self, parts: &[&[u8]]) -> Result<(), ChannelError> {
+    pub fn seal_parts(&mut self, parts: &[&[u8]]) {
         if self.written == self.sealed {
             (self.written, self.sealed) = (0, 0);
         }
@@ -436,7 +436,6 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
             self.nonce += 1;
             self.sealed += 2 + n;
         }
-        Ok(())
     }
 
     /// Writes everything sealed, waiting for the stream to take it.

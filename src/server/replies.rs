@@ -189,14 +189,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Turn<W> {
                 .count();
             wire.unsent.extend(q.replies.drain(..n));
         }
-        let mut turn = Turn { replies, wire };
-        match turn.wire.seal() {
-            Ok(()) => Some(turn),
-            Err(e) => {
-                turn.fail(e);
-                None
-            }
-        }
+        wire.seal();
+        Some(Turn { replies, wire })
     }
 
     /// Ends the connection's sending: drops what is queued, freeing its window space, and
@@ -220,7 +214,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Turn<W> {
 impl<W: AsyncWrite + Unpin> Wire<W> {
     /// Encodes and encrypts `unsent`: small frames staged together, read data encrypted
     /// from its own buffer.
-    fn seal(&mut self) -> Result<(), ChannelError> {
+    fn seal(&mut self) {
         self.out.clear();
         for (i, r) in self.unsent.iter().enumerate() {
             if r.data.len() < Outgoing::INLINE {
@@ -232,7 +226,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         }
         let unsent = &self.unsent;
         self.tx
-            .seal_parts(&self.out.parts(|i| unsent[i].data.as_slice()))
+            .seal_parts(&self.out.parts(|i| unsent[i].data.as_slice()));
     }
 
     /// What was sealed is written: buffers go back to the pool, window space is freed.
