@@ -5,8 +5,8 @@
 //! that decode requests, write payloads decrypted straight into pooled buffers. Requests
 //! run on the I/O threads, so a slow disk never stalls the network (a lone request runs on
 //! a reader, the other one reading meanwhile), and the thread that executed a request
-//! sends its reply (see `replies`). A session outlives its connection: a client that reconnects resumes it,
-//! and its reply cache answers resent transactions.
+//! sends its reply (see `replies`). A session outlives its connection: a client that
+//! reconnects resumes it, and its reply cache answers resent transactions.
 
 pub mod auth;
 mod baton;
