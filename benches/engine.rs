@@ -29,6 +29,7 @@ use dst::keys::{PrivateKey, PublicKey};
 use dst::protocol::{Access, Op};
 use dst::server::auth::AuthorizedKeys;
 use dst::server::{Config, Server};
+use dst::socket::Congestion;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -262,6 +263,7 @@ impl LocalServer {
             max_connections: Config::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_key: Config::DEFAULT_MAX_CONNECTIONS_PER_KEY,
             max_handshakes_per_ip: Config::DEFAULT_MAX_HANDSHAKES_PER_IP,
+            congestion: Congestion::default(),
         };
         let server = smol::block_on(Server::bind(cfg)).expect("the server starts");
         let addr = server.local_addr().unwrap();
@@ -295,6 +297,7 @@ impl LocalServer {
             cipher,
             access: Access::ReadWrite,
             max_transfer: MIB as u32,
+            congestion: Congestion::default(),
         }
     }
 }

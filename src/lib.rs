@@ -23,5 +23,6 @@ pub mod mount_options;
 pub mod pool;
 pub mod protocol;
 pub mod server;
+pub mod socket;
 pub mod transport;
 pub mod units;

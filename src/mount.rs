@@ -73,6 +73,7 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
             Access::ReadWrite
         },
         max_transfer: o.max_transfer.unwrap_or(DEFAULT_MAX_TRANSFER),
+        congestion: o.congestion_control.clone().unwrap_or_default(),
     });
     let profile = if o.fail_fast == Some(true) {
         FAIL_FAST

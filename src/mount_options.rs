@@ -8,6 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::channel::Cipher;
+use crate::socket::Congestion;
 use crate::units::{parse_duration, parse_size};
 
 /// The port of an export node when a source or `--server` names none.
@@ -144,6 +145,7 @@ pub struct Options {
     /// A public key in base64 or a file holding one.
     pub server_key: Option<String>,
     pub cipher: Option<Cipher>,
+    pub congestion_control: Option<Congestion>,
     pub read_only: Option<bool>,
     pub resend_timeout: Option<Duration>,
     pub resend_count: Option<u32>,
@@ -160,7 +162,7 @@ pub struct Options {
 
 /// The options dst understands, as shown when refusing an unknown one.
 pub const KNOWN_OPTIONS: &str = "key=FILE, server_key=FILE|BASE64, cipher=chachapoly|aesgcm, \
-     ro, rw, resend_timeout=DURATION, resend_count=N, ping_interval=DURATION, \
+     congestion_control=NAME|system, ro, rw, resend_timeout=DURATION, resend_count=N, ping_interval=DURATION, \
      window_requests=N, window_bytes=SIZE, max_transfer=SIZE, fail_fast, foreground, \
      log_file=FILE; \
      ignored (for mount(8) and systemd): defaults, auto, noauto, user, nouser, users, \
@@ -259,6 +261,9 @@ impl Options {
             "key" => self.key = Some(PathBuf::from(need(value)?)),
             "server_key" => self.server_key = Some(need(value)?.to_string()),
             "cipher" => self.cipher = Some(need(value)?.parse().map_err(bad)?),
+            "congestion_control" => {
+                self.congestion_control = Some(need(value)?.parse().map_err(bad)?)
+            }
             "ro" => self.read_only = Some(flag(value)?),
             "rw" => self.read_only = Some(!flag(value)?),
             "resend_timeout" => self.resend_timeout = Some(positive_duration(need(value)?)?),
@@ -290,6 +295,7 @@ impl Options {
             key: over.key.or(self.key),
             server_key: over.server_key.or(self.server_key),
             cipher: over.cipher.or(self.cipher),
+            congestion_control: over.congestion_control.or(self.congestion_control),
             read_only: over.read_only.or(self.read_only),
             resend_timeout: over.resend_timeout.or(self.resend_timeout),
             resend_count: over.resend_count.or(self.resend_count),
@@ -584,7 +590,7 @@ mod tests {
     fn options_parse_and_convert() {
         let (o, w) = Options::parse(
             "key=/etc/dst/client.key,server_key=/etc/dst/server.key.pub,cipher=aesgcm,ro,\
-             resend_timeout=2s,resend_count=30,ping-interval=500ms,window_requests=64,\
+             congestion-control=reno,resend_timeout=2s,resend_count=30,ping-interval=500ms,window_requests=64,\
              window_bytes=16M,max_transfer=256K,foreground,log_file=/var/log/dst.log",
             false,
         )
@@ -593,6 +599,7 @@ mod tests {
         assert_eq!(o.key, Some(PathBuf::from("/etc/dst/client.key")));
         assert_eq!(o.server_key.as_deref(), Some("/etc/dst/server.key.pub"));
         assert_eq!(o.cipher, Some(Cipher::AesGcm));
+        assert_eq!(o.congestion_control, Some(Congestion::Named("reno".into())));
         assert_eq!(o.read_only, Some(true));
         assert_eq!(o.resend_timeout, Some(Duration::from_secs(2)));
         assert_eq!(o.resend_count, Some(30));
@@ -681,6 +688,7 @@ tmpfs /mnt/remote tmpfs rw 0 0
             ("key=", "needs a value"),
             ("ro=1", "takes no value"),
             ("cipher=rot13", "rot13"),
+            ("congestion_control=cu/bic", "congestion control name"),
             ("resend_timeout=soon", "duration"),
             ("resend_timeout=0", "more than 0"),
             ("resend_count=-1", "whole number"),
@@ -697,10 +705,12 @@ tmpfs /mnt/remote tmpfs rw 0 0
 
     #[test]
     fn later_layers_win() {
-        let (fstab, _) = Options::parse("key=a,ro,resend_count=3", false).unwrap();
-        let (cli, _) = Options::parse("key=b,rw", false).unwrap();
+        let (fstab, _) =
+            Options::parse("key=a,ro,resend_count=3,congestion_control=reno", false).unwrap();
+        let (cli, _) = Options::parse("key=b,rw,congestion_control=system", false).unwrap();
         let o = fstab.over(cli);
         assert_eq!(o.key, Some(PathBuf::from("b")));
+        assert_eq!(o.congestion_control, Some(Congestion::System));
         assert_eq!(o.read_only, Some(false));
         assert_eq!(o.resend_count, Some(3));
     }

@@ -274,6 +274,56 @@ fn aesgcm_works_when_both_sides_allow_it() {
     });
 }
 
+/// A congestion control that is there is used; one that is not stops the side that asked
+/// for it, saying where to look.
+#[test]
+fn congestion_controls_are_used_or_refused_with_where_to_look() {
+    let s = Setup::new();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
+        .arg("--key")
+        .arg(s.path("server.key"))
+        .arg("--authorized-keys")
+        .arg(s.path("authorized_keys"))
+        .args(["--export", "disk=disk.img", "--create-size", "1M"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--congestion-control",
+            "nosuchcc",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("'nosuchcc'") && err.contains("tcp_available_congestion_control"),
+        "{err}"
+    );
+
+    // reno is in every kernel with TCP, allowed to every process.
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--congestion-control",
+        "reno",
+    ]);
+    let mut cfg = s.client(&server, "disk", Access::ReadWrite);
+    cfg.congestion = "nosuchcc".parse().unwrap();
+    let err = block_on(Connection::connect(&cfg, None)).err().unwrap();
+    assert!(
+        err.to_string().contains("tcp_available_congestion_control"),
+        "{err}"
+    );
+    cfg.congestion = "reno".parse().unwrap();
+    let mut c = connect(&cfg);
+    block_on(async {
+        c.write(0, &pattern(300_000, 5), false).await.unwrap();
+        assert_eq!(c.read(0, 300_000).await.unwrap(), pattern(300_000, 5));
+    });
+}
+
 #[test]
 fn garbage_and_stalled_peers_do_not_stop_service() {
     let s = Setup::new();

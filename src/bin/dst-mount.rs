@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use dst::channel::Cipher;
 use dst::mount_options::{parse_max_transfer, resolve, Invocation, Options, Server};
+use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};
 
 /// Mount a dst export as one large file in a FUSE mount.
@@ -59,6 +60,12 @@ struct Args {
     /// instructions, chachapoly elsewhere (the faster of the two there)
     #[arg(long, value_name = "CIPHER")]
     cipher: Option<Cipher>,
+
+    /// TCP congestion control of the connection: a name from
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control, or `system` for the system's
+    /// default [default: cubic where allowed, else the system's]
+    #[arg(long, value_name = "NAME")]
+    congestion_control: Option<Congestion>,
 
     /// Time without an ack before a transaction is resent [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -127,6 +134,7 @@ impl Args {
                 key: self.key,
                 server_key: self.server_key,
                 cipher: self.cipher,
+                congestion_control: self.congestion_control,
                 read_only: self.ro.then_some(true),
                 resend_timeout: self.resend_timeout,
                 resend_count: self.resend_count,

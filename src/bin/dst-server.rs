@@ -13,6 +13,7 @@ use dst::server::auth::AuthorizedKeys;
 use dst::server::checksums::{self, ChecksumTable};
 use dst::server::export::ExportSpec;
 use dst::server::{Config, Reloader, Server};
+use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};
 
 /// Export files or block devices to dst clients over an authenticated, encrypted channel.
@@ -92,6 +93,13 @@ struct Args {
         default_value = "chachapoly,aesgcm"
     )]
     cipher: Vec<Cipher>,
+
+    /// TCP congestion control of client connections: a name from
+    /// /proc/sys/net/ipv4/tcp_available_congestion_control, or `system` for the system's
+    /// default [default: cubic where allowed, else the system's; pacing controls such as
+    /// bbr cost sequential throughput on fast links]
+    #[arg(long, value_name = "NAME")]
+    congestion_control: Option<Congestion>,
 
     /// Largest single transfer a client may use
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1M")]
@@ -180,6 +188,7 @@ fn run(args: Args) -> Result<(), String> {
         max_connections: args.max_connections,
         max_connections_per_key: args.max_connections_per_key,
         max_handshakes_per_ip: args.max_handshakes_per_ip,
+        congestion: args.congestion_control.unwrap_or_default(),
     };
     smol::block_on(async {
         let server = Server::bind(cfg).await?;

@@ -17,6 +17,7 @@ use crate::protocol::{
     self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
     SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
+use crate::socket::Congestion;
 
 /// Where to connect and what to open.
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub struct ClientConfig {
     pub access: Access,
     /// Largest transfer to ask for; the server may agree to less.
     pub max_transfer: u32,
+    /// TCP congestion control of the connection.
+    pub congestion: Congestion,
 }
 
 /// Failures of a client connection.
@@ -115,6 +118,7 @@ impl Connection {
             io::Error::new(e.kind(), format!("cannot connect to {}: {e}", cfg.server))
         })?;
         stream.set_nodelay(true)?;
+        cfg.congestion.apply(&stream)?;
         let (mut tx, mut rx) = channel::connect(
             stream.clone(),
             stream.clone(),

@@ -36,6 +36,7 @@ use crate::protocol::{
     self, features, Access, ExportInfo, Frame, Head, Hello, Limits, Op, ReplyHeader, RequestHeader,
     SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
+use crate::socket::Congestion;
 use auth::{AuthorizedKeys, Grant};
 use baton::Baton;
 use export::{Export, ExportSpec};
@@ -70,6 +71,8 @@ pub struct Config {
     pub max_connections_per_key: usize,
     /// Connections in the handshake at once from one address.
     pub max_handshakes_per_ip: usize,
+    /// TCP congestion control of the connections.
+    pub congestion: Congestion,
 }
 
 impl Config {
@@ -180,6 +183,10 @@ impl Server {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        // Accepted connections take the listener's congestion control.
+        cfg.congestion
+            .apply(&listener)
+            .map_err(|e| format!("--congestion-control: {e}"))?;
         let shared = Arc::new(Shared {
             key: cfg.key,
             authorized_keys: RwLock::new(cfg.authorized_keys),

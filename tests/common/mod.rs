@@ -18,6 +18,7 @@ use dst::channel::Cipher;
 use dst::client::{ClientConfig, Connection};
 use dst::keys::PrivateKey;
 use dst::protocol::Access;
+use dst::socket::Congestion;
 
 /// A directory with a server key pair, a client key pair and an authorized_keys file.
 pub struct Setup {
@@ -59,6 +60,7 @@ impl Setup {
             cipher: Cipher::ChaChaPoly,
             access,
             max_transfer: 1 << 20,
+            congestion: Congestion::default(),
         }
     }
 
