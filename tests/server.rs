@@ -291,6 +291,7 @@ fn congestion_controls_are_used_or_refused_with_where_to_look() {
             "--congestion-control",
             "nosuchcc",
         ])
+        .current_dir(s.path("."))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -298,6 +299,10 @@ fn congestion_controls_are_used_or_refused_with_where_to_look() {
     assert!(
         err.contains("'nosuchcc'") && err.contains("tcp_available_congestion_control"),
         "{err}"
+    );
+    assert!(
+        !s.path("disk.img").exists(),
+        "a refused start created the image"
     );
 
     // reno is in every kernel with TCP, allowed to every process.

@@ -162,6 +162,14 @@ struct SessionState {
 impl Server {
     /// Opens the exports and binds the listening socket.
     pub async fn bind(cfg: Config) -> Result<Server, String> {
+        // Bound first, so that a bad address or congestion control creates no image.
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        // Accepted connections take the listener's congestion control.
+        cfg.congestion
+            .apply(&listener)
+            .map_err(|e| format!("--congestion-control: {e}"))?;
         let mut exports = HashMap::new();
         for spec in &cfg.exports {
             if exports.contains_key(&spec.name) {
@@ -180,13 +188,6 @@ impl Server {
         if exports.is_empty() {
             return Err("no exports; give at least one --export NAME=PATH".into());
         }
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-        // Accepted connections take the listener's congestion control.
-        cfg.congestion
-            .apply(&listener)
-            .map_err(|e| format!("--congestion-control: {e}"))?;
         let shared = Arc::new(Shared {
             key: cfg.key,
             authorized_keys: RwLock::new(cfg.authorized_keys),
