@@ -8,7 +8,6 @@
 //! jobs of the benchmark about the same (README, Performance). So dst asks for CUBIC unless
 //! told otherwise, quietly keeping the system's default where this process may not choose.
 
-use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
@@ -91,16 +90,6 @@ impl FromStr for Congestion {
                 "'{s}' is not a congestion control name (such as cubic, bbr or reno: up to \
                  {NAME_MAX} letters, digits, '-' or '_'), nor 'system'"
             ))
-        }
-    }
-}
-
-impl fmt::Display for Congestion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Congestion::Preferred => write!(f, "{PREFERRED} where allowed, else system"),
-            Congestion::System => f.write_str("system"),
-            Congestion::Named(name) => f.write_str(name),
         }
     }
 }

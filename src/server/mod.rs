@@ -160,7 +160,7 @@ struct SessionState {
 }
 
 impl Server {
-    /// Opens the exports and binds the listening socket.
+    /// Binds the listening socket and opens the exports.
     pub async fn bind(cfg: Config) -> Result<Server, String> {
         // Bound first, so that a bad address or congestion control creates no image.
         let listener = TcpListener::bind(cfg.listen)
