@@ -9,11 +9,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::{connect, pattern, Setup};
+use common::{connect, pattern, ServerProcess, Setup};
 use dst::channel::{self, Cipher, Refusal};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::{ClientError, Connection};
-use dst::protocol::{Access, Op, RequestHeader};
+use dst::protocol::{Access, Op, RequestHeader, FLAG_FUA};
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     smol::block_on(f)
@@ -339,4 +339,225 @@ fn a_failing_disk_on_the_export_node_reaches_the_client_as_eio() {
     );
     lower_mount.signal(libc::SIGTERM);
     block_on(engine.close());
+}
+
+/// Latencies of 4 KiB reads by a client of another export, one at a time, each after
+/// writing the block it reads; every read must return what was written.
+fn victim_read_latencies(cfg: &dst::client::ClientConfig, n: u64) -> Vec<Duration> {
+    let mut c = connect(cfg);
+    (0..n)
+        .map(|i| {
+            let data = pattern(4096, i);
+            block_on(c.write(i * 4096, &data, false)).unwrap();
+            let start = Instant::now();
+            let read = block_on(c.read(i * 4096, 4096)).unwrap();
+            let took = start.elapsed();
+            assert_eq!(read, data, "block {i} read back");
+            std::thread::sleep(Duration::from_millis(5));
+            took
+        })
+        .collect()
+}
+
+/// Sends `request(i)` without end on a connection of its own, draining the replies on
+/// another thread, until the returned guard is dropped; counts the replies.
+struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    replies: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stream: smol::net::TcpStream,
+}
+
+impl Flood {
+    fn start(
+        cfg: &dst::client::ClientConfig,
+        request: fn(u64) -> (RequestHeader, Vec<u8>),
+    ) -> Flood {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let parts = connect(cfg).into_parts();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let replies = std::sync::Arc::new(AtomicU64::new(0));
+        let (mut tx, mut rx, limits) = (parts.sender, parts.receiver, parts.limits);
+        let sender = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                block_on(async {
+                    let mut buf = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let (h, data) = request(i);
+                        buf.clear();
+                        dst::protocol::encode_request(&mut buf, &h, &data);
+                        if tx.send(&buf).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+        };
+        let receiver = {
+            let replies = replies.clone();
+            std::thread::spawn(move || {
+                block_on(async {
+                    while let Ok(Some(_)) = rx.recv(&limits).await {
+                        replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+        };
+        Flood {
+            stop,
+            replies,
+            threads: vec![sender, receiver],
+            stream: parts.stream,
+        }
+    }
+
+    fn replies(&self) -> u64 {
+        self.replies.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn request(op: Op, flags: u8, txid: u64, offset: u64, length: u32) -> RequestHeader {
+    RequestHeader {
+        op,
+        flags,
+        txid,
+        floor: txid.saturating_sub(64).max(1),
+        offset,
+        length,
+    }
+}
+
+/// p50, p99 and max, printed as the test's figures.
+fn report(what: &str, mut lat: Vec<Duration>) -> (Duration, Duration) {
+    lat.sort();
+    let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
+    let (p50, p99, max) = (at(0.5), at(0.99), *lat.last().unwrap());
+    eprintln!("{what}: victim 4 KiB read p50 {p50:?}, p99 {p99:?}, max {max:?}");
+    (p99, max)
+}
+
+/// Two tenants on one export node: the flooders' key on export `a`, the victim's on `b`.
+fn two_tenants(flooder: &dst::keys::PrivateKey, grant: &str) -> (Setup, ServerProcess) {
+    let s = Setup::new();
+    s.authorize(&format!(
+        "{} exports=b # victim\n{} exports=a {grant} # flooder\n",
+        s.client_key.public(),
+        flooder.public()
+    ));
+    let server = s.server(&[
+        "--export",
+        "a=a.img",
+        "--export",
+        "b=b.img",
+        "--create-size",
+        "2G",
+    ]);
+    (s, server)
+}
+
+fn flooder_config(
+    s: &Setup,
+    server: &ServerProcess,
+    key: &dst::keys::PrivateKey,
+    access: Access,
+) -> dst::client::ClientConfig {
+    let mut cfg = s.client(server, "a", access);
+    cfg.key = key.clone();
+    cfg
+}
+
+#[test]
+fn a_flush_flood_from_a_read_only_key_does_not_slow_another_tenant() {
+    let flooder = dst::keys::generate();
+    let (s, server) = two_tenants(&flooder, "ro");
+    let cfg = flooder_config(&s, &server, &flooder, Access::ReadOnly);
+    let floods: Vec<_> = (0..4)
+        .map(|_| Flood::start(&cfg, |i| (request(Op::Flush, 0, i, 0, 0), Vec::new())))
+        .collect();
+    let victim = s.client(&server, "b", Access::ReadWrite);
+    let (p99, max) = report("read-only FLUSH flood", victim_read_latencies(&victim, 200));
+    let answered: u64 = floods.iter().map(Flood::replies).sum();
+    eprintln!("read-only FLUSH flood: {answered} flushes answered meanwhile");
+    assert!(
+        answered > 1000,
+        "the flood ran: {answered} flushes answered"
+    );
+    assert!(
+        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
+        "p99 {p99:?}, max {max:?}"
+    );
+}
+
+#[test]
+fn a_fua_write_and_read_flood_from_a_read_write_key_does_not_slow_another_tenant() {
+    let flooder = dst::keys::generate();
+    let (s, server) = two_tenants(&flooder, "");
+    let rw = flooder_config(&s, &server, &flooder, Access::ReadWrite);
+    let ro = flooder_config(&s, &server, &flooder, Access::ReadOnly);
+    let fua = Flood::start(&rw, |i| {
+        let h = request(Op::Write, FLAG_FUA, i, (i % 256) * 4096, 4096);
+        (h, pattern(4096, i))
+    });
+    // FLUSHes of read-only sessions cost nothing now; these are of the writer's key but
+    // cannot write, so the read-write session above is the one that syncs.
+    let reads = Flood::start(&ro, |i| {
+        (
+            request(Op::Read, 0, i, (i % 512) << 20, 1 << 20),
+            Vec::new(),
+        )
+    });
+    let victim = s.client(&server, "b", Access::ReadWrite);
+    let (p99, max) = report(
+        "FUA write + 1 MiB read flood",
+        victim_read_latencies(&victim, 200),
+    );
+    eprintln!(
+        "FUA write flood: {} writes, {} reads answered meanwhile",
+        fua.replies(),
+        reads.replies()
+    );
+    assert!(fua.replies() > 50, "the flood ran");
+    assert!(
+        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
+        "p99 {p99:?}, max {max:?}"
+    );
+}
+
+#[test]
+fn a_write_zeroes_flood_from_a_read_write_key_does_not_slow_another_tenant() {
+    let flooder = dst::keys::generate();
+    let (s, server) = two_tenants(&flooder, "");
+    let rw = flooder_config(&s, &server, &flooder, Access::ReadWrite);
+    // 1 GiB each, FUA, alternating between two ranges, as fast as they are answered.
+    let zeroes = Flood::start(&rw, |i| {
+        let h = request(Op::WriteZeroes, FLAG_FUA, i, (i % 2) << 30, 1 << 30);
+        (h, Vec::new())
+    });
+    let victim = s.client(&server, "b", Access::ReadWrite);
+    let (p99, max) = report(
+        "1 GiB WRITE_ZEROES+FUA flood",
+        victim_read_latencies(&victim, 200),
+    );
+    eprintln!(
+        "WRITE_ZEROES flood: {} answered meanwhile",
+        zeroes.replies()
+    );
+    assert!(zeroes.replies() > 10, "the flood ran");
+    assert!(
+        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
+        "p99 {p99:?}, max {max:?}"
+    );
 }

@@ -12,8 +12,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::checksums::{self, ChecksumTable};
+use super::flush_group::FlushGroup;
 use crate::pool::Pool;
-use crate::protocol::{Op, SessionId};
+use crate::protocol::{Op, RequestHeader, SessionId, FLAG_FUA};
 
 /// How an export is given on the command line: `NAME=PATH[:ro][:checksums[=TABLE]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +111,12 @@ pub struct Export {
     write_lock: Mutex<()>,
     /// Per-block checksums, with `:checksums`.
     pub checksums: Option<ChecksumTable>,
+    /// FLUSHes waiting for the next fdatasync.
+    flushes: Mutex<FlushGroup<FlushDone>>,
 }
+
+/// What a FLUSH does once its sync is done: answer with the status.
+pub type FlushDone = Box<dyn FnOnce(u32) + Send>;
 
 /// Result of executing a request: an errno-style status and, for a read, the data.
 pub type Outcome = (u32, Vec<u8>);
@@ -192,6 +198,7 @@ impl Export {
             writer: Mutex::new(None),
             write_lock: Mutex::new(()),
             checksums,
+            flushes: Mutex::new(FlushGroup::default()),
         })
     }
 
@@ -202,9 +209,25 @@ impl Export {
             .is_some_and(|end| end <= self.size)
     }
 
-    /// Executes one request; blocking, so run it off the network tasks. `data` is a
-    /// write's payload; a read's data is read into a buffer from `pool`.
+    /// Executes one request, then calls `done` with its outcome; blocking, so run it off
+    /// the network tasks. `data` is a write's payload; a read's data is read into a
+    /// buffer from `pool`. A FLUSH may be answered by another thread (see
+    /// [`flush`](Self::flush)).
     pub fn execute(
+        &self,
+        h: &RequestHeader,
+        data: &[u8],
+        pool: &Pool,
+        done: impl FnOnce(Outcome) + Send + 'static,
+    ) {
+        if h.op == Op::Flush {
+            return self.flush(Box::new(move |status| done((status, Vec::new()))));
+        }
+        let fua = h.flags & FLAG_FUA != 0;
+        done(self.run(h.op, fua, h.offset, h.length, data, pool))
+    }
+
+    fn run(
         &self,
         op: Op,
         fua: bool,
@@ -250,7 +273,6 @@ impl Export {
                     None => write(),
                 }
             }
-            // Checksums are made durable by their own checkpoints, not on this path.
             Op::Flush => self.sync_data(),
             Op::Trim => self.trim(offset, length as u64, fua),
             Op::WriteZeroes => self.write_zeroes(offset, length as u64, fua),
@@ -262,6 +284,27 @@ impl Export {
                 log::warn!("export '{}': {op:?} at {offset}+{length}: {e}", self.name);
                 (errno(&e), Vec::new())
             }
+        }
+    }
+
+    /// FLUSH: puts every write completed before now on stable storage, then calls `done`
+    /// with the status (an errno, or 0). Flushes that arrive while a sync runs share the next one: the
+    /// thread running a sync runs the next for them and answers them, so the others
+    /// return at once. Checksums are made durable by their own checkpoints, not here.
+    fn flush(&self, done: FlushDone) {
+        let mut batch = self.flushes.lock().unwrap().arrive(done);
+        while let Some(waiters) = batch {
+            let status = match self.sync_data() {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::warn!("export '{}': flush: {e}", self.name);
+                    errno(&e)
+                }
+            };
+            for done in waiters {
+                done(status);
+            }
+            batch = self.flushes.lock().unwrap().finished();
         }
     }
 

@@ -12,6 +12,8 @@ pub mod auth;
 mod baton;
 pub mod checksums;
 pub mod export;
+pub mod fair;
+mod flush_group;
 pub mod limits;
 mod replies;
 pub mod reply_cache;
@@ -121,7 +123,8 @@ struct Shared {
     per_key: Tally<PublicKey>,
     handshakes: Tally<IpAddr>,
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
-    workers: Workers,
+    /// The I/O threads, taking requests in turns by client key.
+    workers: Workers<PublicKey>,
     /// Payload buffers: write data on its way to the disk, read data on its way out.
     pool: Arc<Pool>,
     shutting_down: AtomicBool,
@@ -204,7 +207,7 @@ impl Server {
             per_key: Tally::new(cfg.max_connections_per_key),
             handshakes: Tally::new(cfg.max_handshakes_per_ip),
             sessions: Mutex::new(HashMap::new()),
-            workers: Workers::new(io_threads())
+            workers: Workers::new(io_threads(), cfg.max_transfer as u64 + fair::BASE_COST)
                 .map_err(|e| format!("cannot start I/O threads: {e}"))?,
             pool: Arc::new(Pool::new(POOL_BYTES)),
             shutting_down: AtomicBool::new(false),
@@ -629,7 +632,12 @@ impl Shared {
             };
             let admit = match self.refuse(session, &h) {
                 Some(status) => Admit::Answer(status),
-                None if h.op == Op::Ping => Admit::Answer(0),
+                // A read-only session has no writes of its own to make durable.
+                None if h.op == Op::Ping
+                    || (h.op == Op::Flush && session.access == Access::ReadOnly) =>
+                {
+                    Admit::Answer(0)
+                }
                 None => {
                     session
                         .state
@@ -652,29 +660,30 @@ impl Shared {
                 }
             }
             let alone = self.executing.fetch_add(1, Ordering::SeqCst) == 0;
-            let (shared, session) = (self.clone(), session.clone());
+            let (flow, cost) = (session.client, fair::cost(&h));
+            let (shared, session, export) = (self.clone(), session.clone(), session.export.clone());
             // Whoever executes also answers: no task to wake between the disk and the reply.
             let job = move || {
-                let fua = h.flags & FLAG_FUA != 0;
-                let export = &session.export;
-                let (status, read) =
-                    export.execute(h.op, fua, h.offset, h.length, &data, &shared.pool);
-                shared.pool.put(data);
-                let header = ReplyHeader {
-                    txid: h.txid,
-                    status,
+                let pool = shared.pool.clone();
+                let done = move |(status, read)| {
+                    let header = ReplyHeader {
+                        txid: h.txid,
+                        status,
+                    };
+                    session.complete(
+                        h.txid,
+                        Reply {
+                            header,
+                            data: read,
+                            _permit: permit,
+                        },
+                    );
+                    if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        shared.idle.notify(usize::MAX);
+                    }
                 };
-                session.complete(
-                    h.txid,
-                    Reply {
-                        header,
-                        data: read,
-                        _permit: permit,
-                    },
-                );
-                if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    shared.idle.notify(usize::MAX);
-                }
+                export.execute(&h, &data, &pool, done);
+                pool.put(data);
             };
             // A lone request is latency-bound (the write, then the flush, of an fsync): run
             // it here rather than wake a worker for it. A write into the page cache is
@@ -683,7 +692,7 @@ impl Shared {
             // executing or already received, goes to the workers.
             let quick = h.op == Op::Write && h.flags & FLAG_FUA == 0;
             if !(alone && rx.is_drained()) {
-                self.workers.spawn(job);
+                self.workers.spawn(flow, cost, job);
             } else if quick {
                 job();
             } else {
