@@ -623,6 +623,20 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
         limits: &Limits,
         pool: &Pool,
     ) -> Result<Option<OwnedFrame>, ChannelError> {
+        let frame = self.recv_admitted(limits, pool, |_| async {}).await?;
+        Ok(frame.map(|(frame, ())| frame))
+    }
+
+    /// [`recv_owned`](Self::recv_owned), with `admit` awaited once the frame's head is
+    /// decoded and before its payload is buffered: the server waits there for room in its
+    /// budget, so a request it has no room for stays in the socket. Dropping the future
+    /// while `admit` waits leaves the receiver as it was.
+    pub async fn recv_admitted<T, F: std::future::Future<Output = T>>(
+        &mut self,
+        limits: &Limits,
+        pool: &Pool,
+        admit: impl FnOnce(&Head) -> F,
+    ) -> Result<Option<(OwnedFrame, T)>, ChannelError> {
         let Some(total) = self.buffer(limits, HEAD_MAX).await? else {
             return Ok(None);
         };
@@ -633,13 +647,14 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
                 "negotiation frame after negotiation".into(),
             ));
         };
+        let admitted = admit(&head).await;
         let len = total - head_len;
         let start = self.pos + head_len;
         let here = (self.end - start).min(len);
         if here == len {
             self.pos = start + len;
             let payload = pool.copy_of(&self.plain[start..self.pos]);
-            return Ok(Some(OwnedFrame { head, payload }));
+            return Ok(Some((OwnedFrame { head, payload }, admitted)));
         }
         let mut payload = pool.take(len);
         payload[..here].copy_from_slice(&self.plain[start..start + here]);
@@ -665,7 +680,7 @@ impl<R: AsyncRead + Unpin> Receiver<R> {
             }
         }
         self.torn = false;
-        Ok(Some(OwnedFrame { head, payload }))
+        Ok(Some((OwnedFrame { head, payload }, admitted)))
     }
 
     /// Reads records until `plain` holds the next frame from `pos`, or at least its first

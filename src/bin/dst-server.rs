@@ -130,6 +130,22 @@ struct Args {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
     session_window: u64,
 
+    /// Requests one session may have in progress on the server
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_SESSION_REQUESTS)]
+    session_requests: usize,
+
+    /// Memory all clients' requests may hold at once (write data, read data and replies
+    /// not yet sent), including what each connection reserves when it is admitted (one
+    /// request's room plus 512 KiB of buffers). When it is full, clients are read more
+    /// slowly and new connections are refused until there is room
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
+    memory_budget: u64,
+
+    /// Memory the sessions of one client key may hold at once, beyond their connections'
+    /// reserves [default: a quarter of --memory-budget]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_per_key: Option<u64>,
+
     /// How often checksum tables are made durable; after a crash, regions written within
     /// about twice this are rechecked and their mismatching blocks left unverified
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
@@ -185,6 +201,9 @@ fn run(args: Args) -> Result<(), String> {
         handshake_timeout: args.handshake_timeout,
         session_linger: args.session_linger,
         session_window: args.session_window as usize,
+        session_requests: args.session_requests,
+        memory_budget: args.memory_budget as usize,
+        memory_per_key: args.memory_per_key.unwrap_or(args.memory_budget / 4) as usize,
         max_connections: args.max_connections,
         max_connections_per_key: args.max_connections_per_key,
         max_handshakes_per_ip: args.max_handshakes_per_ip,

@@ -10,6 +10,7 @@
 
 pub mod auth;
 mod baton;
+pub mod budget;
 pub mod checksums;
 pub mod export;
 pub mod fair;
@@ -41,6 +42,7 @@ use crate::protocol::{
 use crate::socket::Congestion;
 use auth::{AuthorizedKeys, Grant};
 use baton::Baton;
+use budget::{Admission, Budget};
 use export::{Export, ExportSpec};
 use limits::{Slot, Tally};
 use replies::{Replies, Reply};
@@ -67,6 +69,12 @@ pub struct Config {
     pub session_linger: Duration,
     /// Bytes of requests one session may have executing or queued for reply.
     pub session_window: usize,
+    /// Requests one session may have executing or queued for reply.
+    pub session_requests: usize,
+    /// Bytes of requests all sessions may hold at once, with each connection's reserve.
+    pub memory_budget: usize,
+    /// Bytes of requests the sessions of one client key may hold at once.
+    pub memory_per_key: usize,
     /// Connections open at once, in all.
     pub max_connections: usize,
     /// Connections open at once with one client key.
@@ -82,6 +90,8 @@ impl Config {
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_SESSION_LINGER: Duration = Duration::from_secs(120);
     pub const DEFAULT_SESSION_WINDOW: usize = 64 << 20;
+    pub const DEFAULT_SESSION_REQUESTS: usize = 256;
+    pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
     pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
     pub const DEFAULT_MAX_CONNECTIONS_PER_KEY: usize = 16;
     pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 16;
@@ -100,8 +110,14 @@ fn io_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }
 
-/// Window space a request holds at least: what its reply costs to queue.
+/// Budget a request holds at least: what its reply costs to queue.
 const REPLY_COST: usize = 128;
+/// What a connection holds besides its requests (channel buffers, a sealed batch of
+/// replies, its reader threads), charged to the budget when it is admitted.
+pub const CONNECTION_OVERHEAD: usize = 512 << 10;
+/// Reply cache entries a session keeps, per request it may have in progress: the cache
+/// must remember every transaction the client may still resend.
+const CACHE_PER_REQUEST: usize = 4;
 
 /// A running server: bound, with its exports open.
 pub struct Server {
@@ -118,7 +134,9 @@ struct Shared {
     max_transfer: u32,
     handshake_timeout: Duration,
     session_linger: Duration,
-    session_window: usize,
+    /// Room for the requests of every session.
+    budget: Arc<Budget>,
+    session_requests: usize,
     connections: Tally<()>,
     per_key: Tally<PublicKey>,
     handshakes: Tally<IpAddr>,
@@ -137,12 +155,12 @@ struct Shared {
 }
 
 /// A connection after negotiation: its channel halves, its session, its place among its
-/// key's connections.
+/// key's connections and in the budget.
 type Opened = (
     Sender<TcpStream>,
     channel::Receiver<TcpStream>,
     Arc<Session>,
-    Slot<PublicKey>,
+    (Slot<PublicKey>, Admission),
 );
 
 /// State of one client session, shared by its successive connections.
@@ -151,7 +169,6 @@ struct Session {
     client: PublicKey,
     export: Arc<Export>,
     access: Access,
-    window: Window,
     state: Mutex<SessionState>,
 }
 
@@ -202,7 +219,15 @@ impl Server {
                 .clamp(64 << 10, protocol::MAX_TRANSFER_LIMIT),
             handshake_timeout: cfg.handshake_timeout,
             session_linger: cfg.session_linger,
-            session_window: cfg.session_window.max(cfg.max_transfer as usize * 2),
+            budget: Budget::new(budget::Bounds {
+                total: cfg.memory_budget,
+                per_key: cfg.memory_per_key,
+                session_bytes: cfg.session_window.max(cfg.max_transfer as usize * 2),
+                session_requests: cfg.session_requests.max(1),
+                reserve: cfg.max_transfer as usize,
+                overhead: CONNECTION_OVERHEAD,
+            }),
+            session_requests: cfg.session_requests.max(1),
             connections: Tally::new(cfg.max_connections),
             per_key: Tally::new(cfg.max_connections_per_key),
             handshakes: Tally::new(cfg.max_handshakes_per_ip),
@@ -313,7 +338,10 @@ impl Shared {
                 self.handshake_timeout
             ))
         };
-        let opened = self.open(stream.clone(), stream.clone()).or(timeout).await;
+        let opened = self
+            .open(conn, stream.clone(), stream.clone())
+            .or(timeout)
+            .await;
         drop(handshake);
         let (tx, rx, session, _key_slot) = match opened {
             Ok(v) => v,
@@ -381,8 +409,14 @@ impl Shared {
         replies.close().await;
     }
 
-    /// Handshake and negotiation. Also returns the connection's place among its key's.
-    async fn open(&self, reader: TcpStream, writer: TcpStream) -> Result<Opened, String> {
+    /// Handshake and negotiation. Also returns the connection's places among its key's
+    /// and in the budget.
+    async fn open(
+        &self,
+        conn: u64,
+        reader: TcpStream,
+        writer: TcpStream,
+    ) -> Result<Opened, String> {
         let (mut tx, mut rx, client) = channel::accept(reader, writer, &self.key, &self.ciphers, |key| {
             match self.authorized_keys.read().unwrap().lookup(key) {
                 Some(_) => Ok(()),
@@ -401,9 +435,16 @@ impl Shared {
             Err(e) => return Err(e.to_string()),
         };
         let slot = self.per_key.try_take(&client);
-        let result = match slot {
-            Some(_) => self.negotiate(&client, &hello),
-            None => Err((
+        let admission = self.budget.admit(conn);
+        let result = match (&slot, &admission) {
+            (Some(_), Some(_)) => self.negotiate(&client, &hello),
+            (Some(_), None) => Err((
+                libc::EAGAIN,
+                "the server's memory budget is in use by other connections; try again later, \
+                 or raise the server's --memory-budget"
+                    .to_string(),
+            )),
+            (None, _) => Err((
                 libc::EUSERS,
                 format!(
                     "{} connections with this client key are open, the most allowed; close one, \
@@ -434,7 +475,15 @@ impl Shared {
         protocol::encode_welcome(&mut buf, &welcome);
         tx.send(&buf).await.map_err(|e| e.to_string())?;
         match result {
-            Ok(s) => Ok((tx, rx, s, slot.expect("negotiated only with a slot"))),
+            Ok(s) => Ok((
+                tx,
+                rx,
+                s,
+                (
+                    slot.expect("negotiated only with a slot"),
+                    admission.expect("negotiated only when admitted"),
+                ),
+            )),
             Err((_, message)) => Err(format!("refused: {message}")),
         }
     }
@@ -551,9 +600,8 @@ impl Shared {
             client: *client,
             export: export.clone(),
             access: hello.access,
-            window: Window::new(self.session_window),
             state: Mutex::new(SessionState {
-                cache: ReplyCache::new(1 << 16),
+                cache: ReplyCache::new(self.session_requests * CACHE_PER_REQUEST),
                 sink: None,
                 detached_since: None,
             }),
@@ -598,29 +646,37 @@ impl Shared {
             return "closing".into();
         };
         loop {
-            let (h, data) = match rx.recv_owned(&limits, &self.pool).await {
-                Ok(Some(OwnedFrame {
-                    head: Head::Request(h),
-                    payload,
-                })) => (h, payload),
+            // Every request holds room in the budget until its reply is sent, taken before
+            // its payload is read: a peer that floods requests and never reads replies is
+            // throttled (its socket is not read), not buffered.
+            let admit = |head: &Head| {
+                let cost = match head {
+                    Head::Request(h) if matches!(h.op, Op::Read | Op::Write) => h.length as usize,
+                    _ => 0,
+                };
+                let acquire =
+                    self.budget
+                        .acquire(&session.client, &session.id, conn, cost.max(REPLY_COST));
+                async {
+                    let closed = async {
+                        let _ = closing.recv().await;
+                        None
+                    };
+                    async { Some(acquire.await) }.or(closed).await
+                }
+            };
+            let (h, data, permit) = match rx.recv_admitted(&limits, &self.pool, admit).await {
+                Ok(Some((
+                    OwnedFrame {
+                        head: Head::Request(h),
+                        payload,
+                    },
+                    Some(permit),
+                ))) => (h, payload, permit),
+                Ok(Some((_, None))) => return "closing".into(),
                 Ok(Some(_)) => return "unexpected frame after negotiation".into(),
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return e.to_string(),
-            };
-            // Every request holds window space until its reply is sent, so a peer that
-            // floods requests and never reads replies is throttled, not buffered.
-            let cost = match h.op {
-                Op::Read | Op::Write => h.length as usize,
-                _ => 0,
-            };
-            let acquire = async { Some(session.window.acquire(cost.max(REPLY_COST)).await) };
-            let closed = async {
-                let _ = closing.recv().await;
-                None
-            };
-            let Some(permit) = acquire.or(closed).await else {
-                self.pool.put(data);
-                return "closing".into();
             };
             let answer = |status, permit| Reply {
                 header: ReplyHeader {
@@ -771,59 +827,6 @@ impl Session {
         if let Some(turn) = turn {
             turn.send();
         }
-    }
-}
-
-/// Bounds the bytes of requests a session has executing or waiting to be sent back, so
-/// a client cannot make the server hold more than its window, whatever it sends.
-#[derive(Clone)]
-struct Window(Arc<WindowInner>);
-
-struct WindowInner {
-    capacity: usize,
-    free: Mutex<usize>,
-    freed: event_listener::Event,
-}
-
-/// Bytes taken from a [`Window`], given back on drop.
-struct Permit {
-    window: Window,
-    bytes: usize,
-}
-
-impl Window {
-    fn new(capacity: usize) -> Self {
-        Window(Arc::new(WindowInner {
-            capacity,
-            free: Mutex::new(capacity),
-            freed: event_listener::Event::new(),
-        }))
-    }
-
-    /// Waits until `bytes` (at most the capacity) are free and takes them.
-    async fn acquire(&self, bytes: usize) -> Permit {
-        let bytes = bytes.min(self.0.capacity);
-        loop {
-            let freed = self.0.freed.listen();
-            {
-                let mut free = self.0.free.lock().unwrap();
-                if *free >= bytes {
-                    *free -= bytes;
-                    return Permit {
-                        window: self.clone(),
-                        bytes,
-                    };
-                }
-            }
-            freed.await;
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        *self.window.0.free.lock().unwrap() += self.bytes;
-        self.window.0.freed.notify(usize::MAX);
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use smol::io::AsyncWrite;
 
-use super::Permit;
+use super::budget::Permit;
 use crate::channel::{ChannelError, Outgoing, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ReplyHeader};
@@ -239,7 +239,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Window;
+    use super::super::budget::{Bounds, Budget};
     use super::*;
     use crate::channel::testing::pair;
     use crate::channel::{Cipher, Receiver};
@@ -251,13 +251,28 @@ mod tests {
         max_transfer: 1 << 20,
     };
 
+    /// A budget of 64 MiB for one session of one connection.
+    type Window = Arc<Budget>;
+
+    fn window() -> Window {
+        Budget::new(Bounds {
+            total: 64 << 20,
+            per_key: 64 << 20,
+            session_bytes: 64 << 20,
+            session_requests: usize::MAX,
+            reserve: 0,
+            overhead: 0,
+        })
+    }
+
     fn reply(txid: u64, len: usize, pool: &Pool, window: &Window) -> Reply {
         let mut data = pool.take(len);
         data.fill(txid as u8);
+        let key = crate::keys::PublicKey([7; 32]);
         Reply {
             header: ReplyHeader { txid, status: 0 },
             data,
-            _permit: smol::block_on(window.acquire(len.max(1))),
+            _permit: smol::block_on(window.acquire(&key, &[0; 16], 0, len.max(1))),
         }
     }
 
@@ -293,14 +308,14 @@ mod tests {
     }
 
     fn free(window: &Window) -> usize {
-        *window.0.free.lock().unwrap()
+        (64 << 20) - window.in_use()
     }
 
     #[test]
     fn replies_from_many_threads_each_arrive_once_in_their_order() {
         let ((_, mut rx), (tx, _)) = pair(Cipher::ChaChaPoly);
         let replies = Replies::new(tx, Arc::new(Pool::new(8 << 20)));
-        let window = Window::new(64 << 20);
+        let window = window();
         let (threads, each, len) = (4u64, 200u64, 20_000);
         let producers: Vec<_> = (0..threads)
             .map(|t| {
@@ -328,7 +343,7 @@ mod tests {
     fn a_client_that_does_not_read_holds_up_no_producer() {
         let ((_, mut rx), (tx, _)) = pair(Cipher::AesGcm);
         let replies = Replies::new(tx, Arc::new(Pool::new(8 << 20)));
-        let window = Window::new(64 << 20);
+        let window = window();
         // Far more than the socket buffers: the rest waits in the queue, not in `send`.
         let start = Instant::now();
         produce(&replies, 0..40, 1 << 20, &window);
@@ -346,7 +361,7 @@ mod tests {
     fn a_failed_send_is_reported_and_frees_what_was_queued() {
         let ((_, rx), (tx, _)) = pair(Cipher::ChaChaPoly);
         let replies = Replies::new(tx, Arc::new(Pool::new(8 << 20)));
-        let window = Window::new(64 << 20);
+        let window = window();
         produce(&replies, 0..10, 1 << 20, &window);
         drop(rx);
         let why = smol::block_on(replies.ended());
