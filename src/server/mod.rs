@@ -8,6 +8,7 @@
 //! sends its reply (see `replies`). A session outlives its connection: a client that
 //! reconnects resumes it, and its reply cache answers resent transactions.
 
+pub mod admission;
 pub mod auth;
 mod baton;
 pub mod checksums;
