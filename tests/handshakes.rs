@@ -144,7 +144,7 @@ fn a_replayed_first_message_flood_from_one_prefix_is_cut_by_its_bucket() {
     );
     assert!(during < Duration::from_secs(1), "{during:?}");
     assert!(
-        attempts > 500,
+        attempts > 200,
         "only {attempts} attempts: no flood to speak of"
     );
     // The burst, the rate for 2 s and a few summaries at the most.

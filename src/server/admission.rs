@@ -219,7 +219,7 @@ impl Rates {
     pub const RATE: f64 = 20.0;
     /// Attempts one prefix may make at once: a host mounting many exports after a boot.
     pub const BURST: f64 = 40.0;
-    /// Prefixes tracked at most (about 32 bytes each). A bucket that has refilled is the
+    /// Prefixes tracked at most (under 64 bytes each, 4 MiB in all). A bucket that has refilled is the
     /// same as none and is swept when this is reached; past it, new prefixes are refused
     /// until a sweep (at most one a second) finds full buckets. Reaching it takes this
     /// many prefixes each attempting within the refill time, BURST / RATE = 2 s.
