@@ -257,6 +257,7 @@ impl LocalServer {
             listen: "127.0.0.1:0".parse().unwrap(),
             ciphers: Cipher::ALL.to_vec(),
             max_transfer: Config::DEFAULT_MAX_TRANSFER,
+            first_flight_timeout: Config::DEFAULT_FIRST_FLIGHT_TIMEOUT,
             handshake_timeout: Config::DEFAULT_HANDSHAKE_TIMEOUT,
             session_linger: Config::DEFAULT_SESSION_LINGER,
             session_window: Config::DEFAULT_SESSION_WINDOW,
@@ -265,7 +266,8 @@ impl LocalServer {
             memory_per_key: Config::DEFAULT_MEMORY_BUDGET / 4,
             max_connections: Config::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_key: Config::DEFAULT_MAX_CONNECTIONS_PER_KEY,
-            max_handshakes_per_ip: Config::DEFAULT_MAX_HANDSHAKES_PER_IP,
+            max_handshakes: Config::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_prefix: Config::DEFAULT_MAX_HANDSHAKES_PER_PREFIX,
             congestion: Congestion::default(),
         };
         let server = smol::block_on(Server::bind(cfg)).expect("the server starts");

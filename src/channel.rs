@@ -285,11 +285,36 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    accept_first_flight(&mut reader, &mut writer, ciphers)
+        .await?
+        .accept(reader, writer, local, authorize)
+        .await
+}
+
+/// The client's first flight: its preamble and first Noise message, read but not yet
+/// processed, so that a server can bound the wait for it apart from the crypto after it.
+pub struct FirstFlight {
+    pre: [u8; 8],
+    cipher: Cipher,
+    msg: Vec<u8>,
+}
+
+/// Reads the client's first flight; a bad preamble or a cipher not in `ciphers` is
+/// refused in clear at once.
+pub async fn accept_first_flight<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    ciphers: &[Cipher],
+) -> Result<FirstFlight, ChannelError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut pre = [0u8; 8];
     reader.read_exact(&mut pre).await?;
     if &pre[..3] != b"DST" || pre[3] != PREAMBLE_VERSION {
         return Err(refuse(
-            &mut writer,
+            writer,
             Refusal::Preamble,
             format!("not a dst client, or a channel version other than {PREAMBLE_VERSION}"),
         )
@@ -307,7 +332,7 @@ where
         None => {
             let asked = Cipher::from_id(pre[4]).map_or(format!("#{}", pre[4]), |c| c.to_string());
             return Err(refuse(
-                &mut writer,
+                writer,
                 Refusal::Cipher,
                 format!("cipher {asked} is not accepted by this server (it accepts: {}); choose one of those with --cipher", names()),
             )
@@ -315,49 +340,68 @@ where
         }
     };
     let mut msg = Vec::new();
-    read_u16_message(&mut reader, &mut msg).await?;
-    let mut hs = snow::Builder::new(cipher.noise_params())
-        .local_private_key(local.bytes())
-        .and_then(|b| b.prologue(&pre))
-        .and_then(|b| b.build_responder())
-        .map_err(snow_err)?;
-    let mut payload = vec![0u8; NOISE_MAX];
-    if hs.read_message(&msg, &mut payload).is_err() {
-        return Err(refuse(
-            &mut writer,
-            Refusal::ServerKey,
-            "the handshake could not be read: the client pinned a server key other than this server's; \
-             fix the client's --server-key (compare it with the server's KEY.pub)"
-                .into(),
-        )
-        .await);
-    }
-    let client = match hs
-        .get_remote_static()
-        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+    read_u16_message(reader, &mut msg).await?;
+    Ok(FirstFlight { pre, cipher, msg })
+}
+
+impl FirstFlight {
+    /// The rest of [`accept`]: the crypto, the client's key checked by `authorize`, the
+    /// answer.
+    pub async fn accept<R, W>(
+        self,
+        reader: R,
+        mut writer: W,
+        local: &PrivateKey,
+        authorize: impl FnOnce(&PublicKey) -> Result<(), String>,
+    ) -> Result<(Sender<W>, Receiver<R>, PublicKey), ChannelError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
     {
-        Some(k) => PublicKey(k),
-        None => {
-            return Err(ChannelError::Protocol(
-                "handshake without a client key".into(),
-            ))
+        let FirstFlight { pre, cipher, msg } = self;
+        let mut hs = snow::Builder::new(cipher.noise_params())
+            .local_private_key(local.bytes())
+            .and_then(|b| b.prologue(&pre))
+            .and_then(|b| b.build_responder())
+            .map_err(snow_err)?;
+        let mut payload = vec![0u8; NOISE_MAX];
+        if hs.read_message(&msg, &mut payload).is_err() {
+            return Err(refuse(
+                &mut writer,
+                Refusal::ServerKey,
+                "the handshake could not be read: the client pinned a server key other than this server's; \
+                 fix the client's --server-key (compare it with the server's KEY.pub)"
+                    .into(),
+            )
+            .await);
         }
-    };
-    let verdict = authorize(&client);
-    let refusal = match &verdict {
-        Ok(()) => Vec::new(),
-        Err(why) => [&[Refusal::ClientKey as u8], why.as_bytes()].concat(),
-    };
-    let mut answer = vec![0u8; NOISE_MAX];
-    let n = hs.write_message(&refusal, &mut answer).map_err(snow_err)?;
-    writer.write_all(&u16_message(&[0], &answer[..n])).await?;
-    writer.flush().await?;
-    if let Err(why) = verdict {
-        return Err(ChannelError::Refused(Refusal::ClientKey, why));
+        let client = match hs
+            .get_remote_static()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        {
+            Some(k) => PublicKey(k),
+            None => {
+                return Err(ChannelError::Protocol(
+                    "handshake without a client key".into(),
+                ))
+            }
+        };
+        let verdict = authorize(&client);
+        let refusal = match &verdict {
+            Ok(()) => Vec::new(),
+            Err(why) => [&[Refusal::ClientKey as u8], why.as_bytes()].concat(),
+        };
+        let mut answer = vec![0u8; NOISE_MAX];
+        let n = hs.write_message(&refusal, &mut answer).map_err(snow_err)?;
+        writer.write_all(&u16_message(&[0], &answer[..n])).await?;
+        writer.flush().await?;
+        if let Err(why) = verdict {
+            return Err(ChannelError::Refused(Refusal::ClientKey, why));
+        }
+        let (to_server, to_client) = hs.dangerously_get_raw_split();
+        let (tx, rx) = halves(reader, writer, cipher, &to_client, &to_server);
+        Ok((tx, rx, client))
     }
-    let (to_server, to_client) = hs.dangerously_get_raw_split();
-    let (tx, rx) = halves(reader, writer, cipher, &to_client, &to_server);
-    Ok((tx, rx, client))
 }
 
 fn halves<R, W>(

@@ -5,11 +5,11 @@
 mod common;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
-use common::{connect, pattern, ServerProcess, Setup};
+use common::{connect, connect_from, pattern, rss_kib, ServerProcess, Setup};
 use dst::channel::{self, Cipher, Refusal};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::{ClientError, Connection};
@@ -17,40 +17,6 @@ use dst::protocol::{Access, Op, RequestHeader, FLAG_FUA};
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     smol::block_on(f)
-}
-
-/// A TCP connection to `to` from the loopback address `from`.
-fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-    assert!(sock >= 0);
-    let addr = |a: SocketAddr| {
-        let SocketAddr::V4(v4) = a else {
-            panic!("IPv4 only")
-        };
-        libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        }
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
-    // SAFETY: plain socket calls on a descriptor we own, with properly sized addresses.
-    unsafe {
-        let local = addr(format!("{from}:0").parse().unwrap());
-        assert_eq!(
-            libc::bind(sock, &local as *const _ as *const libc::sockaddr, len),
-            0
-        );
-        let remote = addr(to);
-        assert_eq!(
-            libc::connect(sock, &remote as *const _ as *const libc::sockaddr, len),
-            0
-        );
-        std::os::fd::FromRawFd::from_raw_fd(sock)
-    }
 }
 
 fn closed_soon(s: &mut TcpStream) -> bool {
@@ -66,19 +32,20 @@ fn a_flood_of_unfinished_handshakes_does_not_lock_out_others() {
         "disk=disk.img",
         "--create-size",
         "1M",
-        "--max-handshakes-per-ip",
+        "--max-handshakes-per-prefix",
         "8",
         "--handshake-timeout",
         "30s",
     ]);
+    // From another /24 than the client's 127.0.0.1.
     let mut flood: Vec<TcpStream> = (0..40)
-        .map(|_| connect_from("127.0.0.2", server.addr))
+        .map(|_| connect_from("127.1.0.2", server.addr))
         .collect();
-    // Beyond the per-address limit, connections are closed at once.
+    // Beyond the per-prefix limit, connections are closed at once.
     let start = Instant::now();
     assert!(closed_soon(flood.last_mut().unwrap()));
     assert!(start.elapsed() < Duration::from_secs(3));
-    server.wait_for_log("handshakes from this address in progress");
+    server.wait_for_log("handshake limit for prefix 127.1.0.0/24: 8 in progress");
     // Another address is served at once.
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
     block_on(c.ping()).unwrap();
@@ -133,12 +100,6 @@ fn oversized_frame_headers_close_the_connection_without_allocating() {
     );
     server.wait_for_log("over the limit");
     block_on(connect(&s.client(&server, "disk", Access::ReadOnly)).ping()).unwrap();
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[test]

@@ -105,6 +105,11 @@ struct Args {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1M")]
     max_transfer: u64,
 
+    /// Time a connecting client has to send its first handshake message; one that has
+    /// not is closed, so idle connections do not hold handshake places
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "2s")]
+    first_flight_timeout: Duration,
+
     /// Time a connecting client has to finish the handshake and negotiation
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
     handshake_timeout: Duration,
@@ -114,7 +119,8 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "120s")]
     session_linger: Duration,
 
-    /// Connections open at once, in all
+    /// Authenticated connections open at once, in all; more are refused with a message
+    /// (connections still in the handshake count against --max-handshakes instead)
     #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
 
@@ -122,9 +128,20 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_CONNECTIONS_PER_KEY)]
     max_connections_per_key: usize,
 
-    /// Connections in the handshake at once from one address; more are closed at once
-    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_HANDSHAKES_PER_IP)]
-    max_handshakes_per_ip: usize,
+    /// Connections in the handshake at once, in all; a new one beyond this closes the
+    /// oldest, so idle or slow strangers cannot lock clients out
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+
+    /// Connections in the handshake at once from one address prefix (a /24 for IPv4, a
+    /// /64 for IPv6); more are closed at once
+    #[arg(
+        long,
+        alias = "max-handshakes-per-ip",
+        value_name = "N",
+        default_value_t = Config::DEFAULT_MAX_HANDSHAKES_PER_PREFIX
+    )]
+    max_handshakes_per_prefix: usize,
 
     /// Bytes of requests one session may have in progress on the server
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
@@ -172,6 +189,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    raise_fd_limit();
     let key = dst::keys::load_private(&args.key).map_err(|e| e.to_string())?;
     let authorized_keys = AuthorizedKeys::load(&args.authorized_keys)?;
     if authorized_keys.is_empty() {
@@ -198,6 +216,7 @@ fn run(args: Args) -> Result<(), String> {
         listen: args.listen,
         ciphers: args.cipher,
         max_transfer,
+        first_flight_timeout: args.first_flight_timeout,
         handshake_timeout: args.handshake_timeout,
         session_linger: args.session_linger,
         session_window: args.session_window as usize,
@@ -206,7 +225,8 @@ fn run(args: Args) -> Result<(), String> {
         memory_per_key: args.memory_per_key.unwrap_or(args.memory_budget / 4) as usize,
         max_connections: args.max_connections,
         max_connections_per_key: args.max_connections_per_key,
-        max_handshakes_per_ip: args.max_handshakes_per_ip,
+        max_handshakes: args.max_handshakes,
+        max_handshakes_per_prefix: args.max_handshakes_per_prefix,
         congestion: args.congestion_control.unwrap_or_default(),
     };
     smol::block_on(async {
@@ -217,6 +237,28 @@ fn run(args: Args) -> Result<(), String> {
         log::info!("listening on {addr}");
         server.run(stop).await.map_err(|e| e.to_string())
     })
+}
+
+/// Raises the soft limit on open files to the hard one: each connection takes a descriptor,
+/// and the default soft limit (often 1024) is below --max-connections plus
+/// --max-handshakes.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a properly sized struct of our own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    let old = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        log::debug!("raised the open files limit from {old} to {}", lim.rlim_cur);
+    }
 }
 
 /// Reloads the authorized keys on SIGHUP; returns a future that resolves on the first

@@ -1,5 +1,6 @@
-//! Counting limits on connections: how many may be open in all, per client key, and in
-//! the handshake per source address, so that one peer cannot crowd out the others.
+//! Counting limits on authenticated connections: how many may be open in all and per
+//! client key, so that one client cannot crowd out the others (those still in the
+//! handshake are `admission`'s).
 
 use std::collections::HashMap;
 use std::hash::Hash;

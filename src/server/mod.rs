@@ -1,13 +1,15 @@
 //! The export node: listening, handshakes, negotiation, sessions, permissions, and the
 //! execution of requests on the exports.
 //!
-//! Handshakes run as tasks; then each connection has two reader threads, taking turns,
+//! Connections are admitted to the handshake by `admission`, and handshakes run on threads
+//! of their own (`handshakers`); then each connection has two reader threads, taking turns,
 //! that decode requests, write payloads decrypted straight into pooled buffers. Requests
 //! run on the I/O threads, so a slow disk never stalls the network (a lone request runs on
 //! a reader, the other one reading meanwhile), and the thread that executed a request
 //! sends its reply (see `replies`). A session outlives its connection: a client that
 //! reconnects resumes it, and its reply cache answers resent transactions.
 
+pub mod admission;
 pub mod auth;
 mod baton;
 pub mod budget;
@@ -15,6 +17,7 @@ pub mod checksums;
 pub mod export;
 pub mod fair;
 mod flush_group;
+mod handshakers;
 pub mod limits;
 mod replies;
 pub mod reply_cache;
@@ -22,7 +25,7 @@ pub mod workers;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -32,7 +35,7 @@ use smol::future::FutureExt;
 use smol::net::{Shutdown, TcpListener, TcpStream};
 
 use crate::blocking::ThreadReader;
-use crate::channel::{self, Cipher, OwnedFrame, Sender};
+use crate::channel::{self, Cipher, FirstFlight, OwnedFrame, Sender};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
 use crate::protocol::{
@@ -40,10 +43,12 @@ use crate::protocol::{
     SessionId, Welcome, FLAG_FUA, MAX_NEGOTIATION, PROTOCOL_VERSION,
 };
 use crate::socket::Congestion;
+use admission::{Admitted, HandshakeSlot, Handshakes, Kind, Prefix, Rates, RefusalLog};
 use auth::{AuthorizedKeys, Grant};
 use baton::Baton;
 use budget::{Admission, Budget};
 use export::{Export, ExportSpec};
+use handshakers::Handshakers;
 use limits::{Slot, Tally};
 use replies::{Replies, Reply};
 use reply_cache::{Admit, ReplyCache};
@@ -63,6 +68,8 @@ pub struct Config {
     pub ciphers: Vec<Cipher>,
     /// Largest transfer the server agrees to.
     pub max_transfer: u32,
+    /// Time a client has to send its first handshake message.
+    pub first_flight_timeout: Duration,
     /// Time a client has to finish the handshake and negotiation.
     pub handshake_timeout: Duration,
     /// How long a disconnected session is kept for its client to resume it.
@@ -75,18 +82,21 @@ pub struct Config {
     pub memory_budget: usize,
     /// Bytes of requests the sessions of one client key may hold at once.
     pub memory_per_key: usize,
-    /// Connections open at once, in all.
+    /// Authenticated connections open at once, in all.
     pub max_connections: usize,
     /// Connections open at once with one client key.
     pub max_connections_per_key: usize,
-    /// Connections in the handshake at once from one address.
-    pub max_handshakes_per_ip: usize,
+    /// Connections in the handshake at once, in all; more drop the oldest.
+    pub max_handshakes: usize,
+    /// Connections in the handshake at once from one address prefix (/24, /64).
+    pub max_handshakes_per_prefix: usize,
     /// TCP congestion control of the connections.
     pub congestion: Congestion,
 }
 
 impl Config {
     pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
+    pub const DEFAULT_FIRST_FLIGHT_TIMEOUT: Duration = Duration::from_secs(2);
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_SESSION_LINGER: Duration = Duration::from_secs(120);
     pub const DEFAULT_SESSION_WINDOW: usize = 64 << 20;
@@ -94,7 +104,8 @@ impl Config {
     pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
     pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
     pub const DEFAULT_MAX_CONNECTIONS_PER_KEY: usize = 16;
-    pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 16;
+    pub const DEFAULT_MAX_HANDSHAKES: usize = 128;
+    pub const DEFAULT_MAX_HANDSHAKES_PER_PREFIX: usize = 16;
 }
 
 /// Negotiation happens before any transfer size is agreed.
@@ -132,14 +143,19 @@ struct Shared {
     exports: HashMap<String, Arc<Export>>,
     ciphers: Vec<Cipher>,
     max_transfer: u32,
+    first_flight_timeout: Duration,
     handshake_timeout: Duration,
     session_linger: Duration,
     /// Room for the requests of every session.
     budget: Arc<Budget>,
     session_requests: usize,
+    /// Authenticated connections; those in the handshake are in `handshakes`.
     connections: Tally<()>,
     per_key: Tally<PublicKey>,
-    handshakes: Tally<IpAddr>,
+    handshakes: Handshakes,
+    rates: Mutex<Rates>,
+    refusals: Mutex<RefusalLog>,
+    handshakers: Handshakers,
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
     /// The I/O threads, taking requests in turns by client key.
     workers: Workers<PublicKey>,
@@ -155,13 +171,31 @@ struct Shared {
 }
 
 /// A connection after negotiation: its channel halves, its session, its place among its
-/// key's connections and in the budget.
+/// key's connections, among all, and in the budget.
 type Opened = (
     Sender<TcpStream>,
     channel::Receiver<TcpStream>,
     Arc<Session>,
-    (Slot<PublicKey>, Admission),
+    Places,
 );
+
+/// A connection's places among its key's connections, among all, and in the budget;
+/// given back when it closes.
+struct Places {
+    _key: Slot<PublicKey>,
+    _all: Slot<()>,
+    _budget: Admission,
+}
+
+/// Why a connection was not opened.
+enum Unopened {
+    /// Its handshake place went to a newer connection; logged when that one came.
+    Evicted,
+    /// Failed before the client proved its key, or timed out: logged rate-limited.
+    Stranger(Kind, String),
+    /// Refused or failed in the negotiation, the client's key proved.
+    Negotiation(String),
+}
 
 /// State of one client session, shared by its successive connections.
 struct Session {
@@ -217,6 +251,7 @@ impl Server {
             max_transfer: cfg
                 .max_transfer
                 .clamp(64 << 10, protocol::MAX_TRANSFER_LIMIT),
+            first_flight_timeout: cfg.first_flight_timeout,
             handshake_timeout: cfg.handshake_timeout,
             session_linger: cfg.session_linger,
             budget: Budget::new(budget::Bounds {
@@ -230,7 +265,11 @@ impl Server {
             session_requests: cfg.session_requests.max(1),
             connections: Tally::new(cfg.max_connections),
             per_key: Tally::new(cfg.max_connections_per_key),
-            handshakes: Tally::new(cfg.max_handshakes_per_ip),
+            handshakes: Handshakes::new(cfg.max_handshakes, cfg.max_handshakes_per_prefix),
+            rates: Mutex::new(Rates::new()),
+            refusals: Mutex::new(RefusalLog::new()),
+            handshakers: Handshakers::new(handshakers::threads())
+                .map_err(|e| format!("cannot start handshake threads: {e}"))?,
             sessions: Mutex::new(HashMap::new()),
             workers: Workers::new(io_threads(), cfg.max_transfer as u64 + fair::BASE_COST)
                 .map_err(|e| format!("cannot start I/O threads: {e}"))?,
@@ -260,13 +299,31 @@ impl Server {
     /// export and returns.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> io::Result<()> {
         let shared = self.shared.clone();
+        // Refusals held back are summarised even once a flood stops.
+        let _summaries = smol::spawn({
+            let shared = shared.clone();
+            async move {
+                loop {
+                    smol::Timer::after(Duration::from_secs(1)).await;
+                    let lines = shared.refusals.lock().unwrap().flush(Instant::now());
+                    for (kind, line) in lines {
+                        log::log!(kind.level(), "{line}");
+                    }
+                }
+            }
+        });
         let accept = async {
             loop {
                 match self.listener.accept().await {
+                    // Admission costs no crypto and no task; a refused stream is closed
+                    // at once, since answering would cost what the limits protect.
                     Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let shared = shared.clone();
-                        smol::spawn(async move { shared.serve(stream, peer).await }).detach();
+                        if let Some(slot) = shared.admit(peer, Instant::now()) {
+                            let _ = stream.set_nodelay(true);
+                            let shared = shared.clone();
+                            smol::spawn(async move { shared.serve(stream, peer, slot).await })
+                                .detach();
+                        }
                     }
                     // Out of descriptors and the like: keep serving the others.
                     Err(e) => {
@@ -314,39 +371,62 @@ impl Reloader {
 }
 
 impl Shared {
-    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Decides whether a connection from `peer` may start a handshake: within its
+    /// prefix's rate and share, making room by dropping the oldest handshake if need be.
+    fn admit(&self, peer: SocketAddr, now: Instant) -> Option<HandshakeSlot> {
+        let prefix = Prefix::of(peer.ip());
+        if !self.rates.lock().unwrap().allow(prefix, now) {
+            let why = format!(
+                "{peer}: over the handshake rate of prefix {prefix} ({}/s, burst {})",
+                Rates::RATE,
+                Rates::BURST
+            );
+            self.refused(Kind::Rate, why, now);
+            return None;
+        }
+        match self.handshakes.admit(peer.ip()) {
+            Admitted::PrefixFull => {
+                let why = format!(
+                    "{peer}: handshake limit for prefix {prefix}: {} in progress \
+                     (--max-handshakes-per-prefix)",
+                    self.handshakes.per_prefix()
+                );
+                self.refused(Kind::PrefixFull, why, now);
+                None
+            }
+            Admitted::In(slot, evicted) => {
+                if let Some(old) = evicted {
+                    let why = format!(
+                        "the oldest, from {old}, for one from {peer}: {} handshakes in progress \
+                         (--max-handshakes)",
+                        self.handshakes.max()
+                    );
+                    self.refused(Kind::Evicted, why, now);
+                }
+                Some(slot)
+            }
+        }
+    }
+
+    fn refused(&self, kind: Kind, what: String, now: Instant) {
+        let line = self.refusals.lock().unwrap().note(kind, what, now);
+        if let Some(line) = line {
+            log::log!(kind.level(), "{line}");
+        }
+    }
+
+    async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        // Over a limit, close at once: answering would cost what the limit protects.
-        let Some(_open) = self.connections.try_take(&()) else {
-            log::warn!(
-                "{peer}: refused: {} connections open, the most allowed",
-                self.connections.max()
-            );
-            return;
-        };
-        let Some(handshake) = self.handshakes.try_take(&peer.ip()) else {
-            log::warn!(
-                "{peer}: refused: {} handshakes from this address in progress",
-                self.handshakes.max()
-            );
-            return;
-        };
-        let timeout = async {
-            smol::Timer::after(self.handshake_timeout).await;
-            Err(format!(
-                "did not finish the handshake within {:?}",
-                self.handshake_timeout
-            ))
-        };
-        let opened = self
-            .open(conn, stream.clone(), stream.clone())
-            .or(timeout)
-            .await;
-        drop(handshake);
-        let (tx, rx, session, _key_slot) = match opened {
+        let handshake = self.clone().handshake(conn, stream.clone(), slot);
+        let (tx, rx, session, _places) = match self.handshakers.spawn(handshake).await {
             Ok(v) => v,
-            Err(why) => {
-                log::info!("connection from {peer} closed: {why}");
+            Err(Unopened::Evicted) => return,
+            Err(Unopened::Stranger(kind, why)) => {
+                self.refused(kind, format!("{peer}: {why:?}"), Instant::now());
+                return;
+            }
+            Err(Unopened::Negotiation(why)) => {
+                log::info!("connection from {peer} closed: {why:?}");
                 return;
             }
         };
@@ -409,15 +489,61 @@ impl Shared {
         replies.close().await;
     }
 
-    /// Handshake and negotiation. Also returns the connection's places among its key's
-    /// and in the budget.
+    /// The handshake and the negotiation, each within its deadline, unless the connection's
+    /// place is given to a newer one first. Its place is given back once it has opened.
+    async fn handshake(
+        self: Arc<Self>,
+        conn: u64,
+        stream: TcpStream,
+        slot: HandshakeSlot,
+    ) -> Result<Opened, Unopened> {
+        let (mut reader, mut writer) = (stream.clone(), stream);
+        let open = async {
+            let flight = async {
+                channel::accept_first_flight(&mut reader, &mut writer, &self.ciphers)
+                    .await
+                    .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))
+            };
+            let late = async {
+                smol::Timer::after(self.first_flight_timeout).await;
+                Err(Unopened::Stranger(
+                    Kind::FirstFlight,
+                    format!(
+                        "sent no first handshake message within {:?}",
+                        self.first_flight_timeout
+                    ),
+                ))
+            };
+            let flight = flight.or(late).await?;
+            self.open(conn, flight, reader, writer).await
+        };
+        let timeout = async {
+            smol::Timer::after(self.handshake_timeout).await;
+            Err(Unopened::Stranger(
+                Kind::Timeout,
+                format!(
+                    "did not finish the handshake within {:?}",
+                    self.handshake_timeout
+                ),
+            ))
+        };
+        let evicted = async {
+            slot.evicted().await;
+            Err(Unopened::Evicted)
+        };
+        open.or(timeout).or(evicted).await
+    }
+
+    /// The rest of the handshake, and negotiation. Also returns the connection's places
+    /// among its key's, among all and in the budget.
     async fn open(
         &self,
         conn: u64,
+        flight: FirstFlight,
         reader: TcpStream,
         writer: TcpStream,
-    ) -> Result<Opened, String> {
-        let (mut tx, mut rx, client) = channel::accept(reader, writer, &self.key, &self.ciphers, |key| {
+    ) -> Result<Opened, Unopened> {
+        let (mut tx, mut rx, client) = flight.accept(reader, writer, &self.key, |key| {
             match self.authorized_keys.read().unwrap().lookup(key) {
                 Some(_) => Ok(()),
                 None => Err(format!(
@@ -427,29 +553,43 @@ impl Shared {
             }
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))?;
+        // A first message can be replayed: the client has proved its key only once a record
+        // of its own decrypts, so until then it is still a stranger.
         let hello = match rx.recv(&NEGOTIATION_LIMITS).await {
             Ok(Some(Frame::Hello(h))) => h,
-            Ok(Some(_)) => return Err("first frame is not HELLO".into()),
-            Ok(None) => return Err("closed before negotiation".into()),
-            Err(e) => return Err(e.to_string()),
+            Ok(Some(_)) => return Err(Unopened::Negotiation("first frame is not HELLO".into())),
+            Ok(None) => {
+                let why = "closed before negotiation".into();
+                return Err(Unopened::Stranger(Kind::Failed, why));
+            }
+            Err(e) => return Err(Unopened::Stranger(Kind::Failed, e.to_string())),
         };
         let slot = self.per_key.try_take(&client);
+        let open = self.connections.try_take(&());
         let admission = self.budget.admit(conn);
-        let result = match (&slot, &admission) {
-            (Some(_), Some(_)) => self.negotiate(&client, &hello),
-            (Some(_), None) => Err((
+        let result = match (&slot, &open, &admission) {
+            (Some(_), Some(_), Some(_)) => self.negotiate(&client, &hello),
+            (Some(_), Some(_), None) => Err((
                 libc::EAGAIN,
                 "the server's memory budget is in use by other connections; try again later, \
                  or raise the server's --memory-budget"
                     .to_string(),
             )),
-            (None, _) => Err((
+            (None, _, _) => Err((
                 libc::EUSERS,
                 format!(
                     "{} connections with this client key are open, the most allowed; close one, \
                      or raise the server's --max-connections-per-key",
                     self.per_key.max()
+                ),
+            )),
+            (_, None, _) => Err((
+                libc::EUSERS,
+                format!(
+                    "{} connections are open on this server, the most allowed; try again later, \
+                     or raise the server's --max-connections",
+                    self.connections.max()
                 ),
             )),
         };
@@ -473,18 +613,21 @@ impl Shared {
         };
         let mut buf = Vec::new();
         protocol::encode_welcome(&mut buf, &welcome);
-        tx.send(&buf).await.map_err(|e| e.to_string())?;
+        tx.send(&buf)
+            .await
+            .map_err(|e| Unopened::Negotiation(e.to_string()))?;
         match result {
             Ok(s) => Ok((
                 tx,
                 rx,
                 s,
-                (
-                    slot.expect("negotiated only with a slot"),
-                    admission.expect("negotiated only when admitted"),
-                ),
+                Places {
+                    _key: slot.expect("negotiated only with a slot"),
+                    _all: open.expect("negotiated only with a slot"),
+                    _budget: admission.expect("negotiated only when admitted"),
+                },
             )),
-            Err((_, message)) => Err(format!("refused: {message}")),
+            Err((_, message)) => Err(Unopened::Negotiation(format!("refused: {message}"))),
         }
     }
 

@@ -8,7 +8,7 @@ pub mod mount;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -175,6 +175,65 @@ impl Drop for ServerProcess {
 /// Connects, panicking with the error if that fails.
 pub fn connect(cfg: &ClientConfig) -> Connection {
     smol::block_on(Connection::connect(cfg, None)).unwrap_or_else(|e| panic!("connect: {e}"))
+}
+
+/// A TCP connection to `to` from the loopback address `from`, such as 127.5.0.2: all of
+/// 127.0.0.0/8 is local, so a test can stand for peers in many address prefixes.
+pub fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(sock >= 0, "socket: {}", std::io::Error::last_os_error());
+    let addr = |a: SocketAddr| {
+        let SocketAddr::V4(v4) = a else {
+            panic!("IPv4 only")
+        };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a descriptor we own, with properly sized addresses.
+    unsafe {
+        let local = addr(format!("{from}:0").parse().unwrap());
+        assert_eq!(
+            libc::bind(sock, &local as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        let remote = addr(to);
+        assert_eq!(
+            libc::connect(sock, &remote as *const _ as *const libc::sockaddr, len),
+            0,
+            "connect from {from}: {}",
+            std::io::Error::last_os_error()
+        );
+        std::os::fd::FromRawFd::from_raw_fd(sock)
+    }
+}
+
+/// Raises this process's soft limit on open files to the hard one, for tests that hold
+/// many connections.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a properly sized struct of our own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Deterministic pseudo-random bytes.
