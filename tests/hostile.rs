@@ -522,3 +522,79 @@ fn a_write_zeroes_flood_from_a_read_write_key_does_not_slow_another_tenant() {
         "p99 {p99:?}, max {max:?}"
     );
 }
+
+#[test]
+fn replies_never_read_hold_the_server_to_its_memory_budget() {
+    const BUDGET_MIB: u64 = 128;
+    // What the server holds besides the budget (see README, Security): code, tables and
+    // threads, and up to 32 MiB of idle buffers kept for reuse.
+    const CONSTANT_MIB: u64 = 48;
+    let s = Setup::new();
+    let greedy: Vec<_> = (0..2).map(|_| dst::keys::generate()).collect();
+    s.authorize(&format!(
+        "{} exports=b # victim\n{} exports=a ro\n{} exports=a ro\n",
+        s.client_key.public(),
+        greedy[0].public(),
+        greedy[1].public()
+    ));
+    let server = s.server(&[
+        "--export",
+        "a=a.img",
+        "--export",
+        "b=b.img",
+        "--create-size",
+        "256M",
+        "--memory-budget",
+        &format!("{BUDGET_MIB}M"),
+    ]);
+    let before = rss_kib(server.pid());
+    // Each greedy key: 16 connections, each asking for 64 MiB of reads and reading none.
+    let mut held = Vec::new();
+    for key in &greedy {
+        let mut cfg = s.client(&server, "a", Access::ReadOnly);
+        cfg.key = key.clone();
+        for _ in 0..16 {
+            let Ok(mut c) = block_on(Connection::connect(&cfg, None)) else {
+                continue; // refused: the budget has no room for another connection
+            };
+            for i in 0..64u64 {
+                let txid = c.next_txid();
+                block_on(c.send(&request(Op::Read, 0, txid, (i % 256) << 20, 1 << 20), &[]))
+                    .unwrap();
+            }
+            held.push(c);
+        }
+    }
+    // The server fills what it may, then stops reading them: watch its RSS settle.
+    let mut peak = 0;
+    let mut last = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = rss_kib(server.pid());
+        peak = peak.max(now);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // Another tenant is still served.
+    let victim = s.client(&server, "b", Access::ReadWrite);
+    let (p99, _) = report("greedy readers", victim_read_latencies(&victim, 50));
+    peak = peak.max(rss_kib(server.pid()));
+    eprintln!(
+        "{} greedy connections held; server RSS {} MiB before, peak {} MiB (budget {BUDGET_MIB} MiB)",
+        held.len(),
+        before >> 10,
+        peak >> 10
+    );
+    assert!(
+        held.len() >= 16,
+        "the greedy keys got connections: {}",
+        held.len()
+    );
+    assert!(
+        peak >> 10 < BUDGET_MIB + CONSTANT_MIB,
+        "server RSS {peak} KiB under greedy readers"
+    );
+    assert!(p99 < Duration::from_secs(1), "victim p99 {p99:?}");
+}
