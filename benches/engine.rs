@@ -260,6 +260,8 @@ impl LocalServer {
             first_flight_timeout: Config::DEFAULT_FIRST_FLIGHT_TIMEOUT,
             handshake_timeout: Config::DEFAULT_HANDSHAKE_TIMEOUT,
             session_linger: Config::DEFAULT_SESSION_LINGER,
+            max_sessions_per_key: Config::DEFAULT_MAX_SESSIONS_PER_KEY,
+            max_sessions: Config::DEFAULT_MAX_SESSIONS,
             session_window: Config::DEFAULT_SESSION_WINDOW,
             session_requests: Config::DEFAULT_SESSION_REQUESTS,
             memory_budget: Config::DEFAULT_MEMORY_BUDGET,

@@ -155,7 +155,12 @@ impl fmt::Display for ChannelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChannelError::Io(e) => write!(f, "{e}"),
-            ChannelError::Refused(_, why) => write!(f, "server refused the connection: {why}"),
+            // The reason may come from the peer.
+            ChannelError::Refused(_, why) => write!(
+                f,
+                "server refused the connection: {}",
+                protocol::printable(why)
+            ),
             ChannelError::Decrypt => {
                 write!(f, "a record failed authentication (corrupted or forged)")
             }

@@ -72,6 +72,24 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// Text that came from a peer, made safe for a log or a terminal: control characters
+/// (newlines, escape sequences) are shown escaped, everything else as it is.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn malformed<T>(why: impl Into<String>) -> Result<T, DecodeError> {
     Err(DecodeError::Malformed(why.into()))
 }
@@ -610,6 +628,12 @@ fn decode_welcome(b: &[u8]) -> Result<Welcome, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_only_control_characters() {
+        assert_eq!(printable("disk-1 'ok' é"), "disk-1 'ok' é");
+        assert_eq!(printable("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J");
+    }
     use proptest::prelude::*;
 
     const LIMITS: Limits = Limits {

@@ -598,3 +598,47 @@ fn replies_never_read_hold_the_server_to_its_memory_budget() {
     );
     assert!(p99 < Duration::from_secs(1), "victim p99 {p99:?}");
 }
+
+#[test]
+fn sessions_are_capped_per_key_and_lingering_ones_expire_on_their_own() {
+    let s = Setup::new();
+    let other = dst::keys::generate();
+    s.authorize(&format!("{}\n{}\n", s.client_key.public(), other.public()));
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--max-sessions-per-key",
+        "2",
+        "--session-linger",
+        "2s",
+    ]);
+    // A client that never resumes makes a new session each time: beyond two, its oldest
+    // disconnected one goes.
+    let cfg = s.client(&server, "disk", Access::ReadOnly);
+    for _ in 0..4 {
+        block_on(connect(&cfg).ping()).unwrap();
+    }
+    server.wait_for_log("evicted for a newer session");
+    // Two connected sessions of the key: a third is refused, naming the option.
+    let (_a, _b) = (connect(&cfg), connect(&cfg));
+    std::thread::sleep(Duration::from_millis(200));
+    let err = block_on(Connection::connect(&cfg, None)).err().unwrap();
+    assert_eq!(err.errno(), libc::EUSERS, "{err}");
+    assert!(err.to_string().contains("--max-sessions-per-key"), "{err}");
+    drop((_a, _b));
+    // A writer that goes away lets go of the export after the linger time, by itself.
+    let writer = connect(&s.client(&server, "disk", Access::ReadWrite));
+    drop(writer);
+    // It took the place of `_a`'s session; `_b`'s and its own then expire, with no
+    // client asking for anything meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.log().matches(" expired").count() < 2 {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut cfg = s.client(&server, "disk", Access::ReadWrite);
+    cfg.key = other;
+    block_on(connect(&cfg).ping()).unwrap();
+}

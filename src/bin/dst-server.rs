@@ -119,6 +119,16 @@ struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "120s")]
     session_linger: Duration,
 
+    /// Sessions of one client key, connected or lingering; at the cap, the key's oldest
+    /// disconnected session makes room
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_SESSIONS_PER_KEY)]
+    max_sessions_per_key: usize,
+
+    /// Sessions in all, connected or lingering; at the cap, the oldest disconnected session
+    /// (of the same key first) makes room
+    #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+
     /// Authenticated connections open at once, in all; more are refused with a message
     /// (connections still in the handshake count against --max-handshakes instead)
     #[arg(long, value_name = "N", default_value_t = Config::DEFAULT_MAX_CONNECTIONS)]
@@ -219,6 +229,8 @@ fn run(args: Args) -> Result<(), String> {
         first_flight_timeout: args.first_flight_timeout,
         handshake_timeout: args.handshake_timeout,
         session_linger: args.session_linger,
+        max_sessions_per_key: args.max_sessions_per_key,
+        max_sessions: args.max_sessions,
         session_window: args.session_window as usize,
         session_requests: args.session_requests,
         memory_budget: args.memory_budget as usize,

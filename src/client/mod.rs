@@ -51,8 +51,13 @@ impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ClientError::Channel(e) => write!(f, "{e}"),
+            // The server's words: escaped before they reach a log or a terminal.
             ClientError::Refused { message, .. } => {
-                write!(f, "server refused the export: {message}")
+                write!(
+                    f,
+                    "server refused the export: {}",
+                    protocol::printable(message)
+                )
             }
             ClientError::Status(errno) => write!(
                 f,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::checksums::{self, ChecksumTable};
 use super::flush_group::FlushGroup;
 use crate::pool::Pool;
-use crate::protocol::{Op, RequestHeader, SessionId, FLAG_FUA};
+use crate::protocol::{Op, RequestHeader, FLAG_FUA};
 
 /// How an export is given on the command line: `NAME=PATH[:ro][:checksums[=TABLE]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +104,6 @@ pub struct Export {
     file: File,
     /// The same file opened O_DSYNC, so a FUA write is durable without a full fdatasync.
     dsync: Option<File>,
-    /// The read-write session holding the export, if any: there is one writer at a time.
-    pub writer: Mutex<Option<SessionId>>,
     /// Buffered writes to one file serialize on its inode lock in the kernel, where a
     /// waiting thread spins on the CPU; waiting here sleeps instead.
     write_lock: Mutex<()>,
@@ -195,7 +193,6 @@ impl Export {
             read_only: spec.read_only,
             file,
             dsync,
-            writer: Mutex::new(None),
             write_lock: Mutex::new(()),
             checksums,
             flushes: Mutex::new(FlushGroup::default()),

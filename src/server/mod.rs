@@ -19,8 +19,11 @@ pub mod fair;
 mod flush_group;
 mod handshakers;
 pub mod limits;
+pub mod negotiation;
 mod replies;
 pub mod reply_cache;
+mod session;
+pub mod sessions;
 pub mod workers;
 
 use std::collections::HashMap;
@@ -44,14 +47,17 @@ use crate::protocol::{
 };
 use crate::socket::Congestion;
 use admission::{Admitted, HandshakeSlot, Handshakes, Kind, Prefix, Rates, RefusalLog};
-use auth::{AuthorizedKeys, Grant};
+use auth::AuthorizedKeys;
 use baton::Baton;
 use budget::{Admission, Budget};
 use export::{Export, ExportSpec};
 use handshakers::Handshakers;
 use limits::{Slot, Tally};
+use negotiation::Refused;
 use replies::{Replies, Reply};
 use reply_cache::{Admit, ReplyCache};
+use session::Session;
+use sessions::{Ask, EndReason, Ended, SessionLimits, SessionTable};
 use workers::Workers;
 
 /// Everything a server is started with.
@@ -74,6 +80,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long a disconnected session is kept for its client to resume it.
     pub session_linger: Duration,
+    /// Sessions of one client key, connected or lingering.
+    pub max_sessions_per_key: usize,
+    /// Sessions in all, connected or lingering.
+    pub max_sessions: usize,
     /// Bytes of requests one session may have executing or queued for reply.
     pub session_window: usize,
     /// Requests one session may have executing or queued for reply.
@@ -99,6 +109,8 @@ impl Config {
     pub const DEFAULT_FIRST_FLIGHT_TIMEOUT: Duration = Duration::from_secs(2);
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_SESSION_LINGER: Duration = Duration::from_secs(120);
+    pub const DEFAULT_MAX_SESSIONS_PER_KEY: usize = 32;
+    pub const DEFAULT_MAX_SESSIONS: usize = 256;
     pub const DEFAULT_SESSION_WINDOW: usize = 64 << 20;
     pub const DEFAULT_SESSION_REQUESTS: usize = 256;
     pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
@@ -156,7 +168,7 @@ struct Shared {
     rates: Mutex<Rates>,
     refusals: Mutex<RefusalLog>,
     handshakers: Handshakers,
-    sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    sessions: Mutex<SessionTable<Arc<Session>>>,
     /// The I/O threads, taking requests in turns by client key.
     workers: Workers<PublicKey>,
     /// Payload buffers: write data on its way to the disk, read data on its way out.
@@ -195,22 +207,6 @@ enum Unopened {
     Stranger(Kind, String),
     /// Refused or failed in the negotiation, the client's key proved.
     Negotiation(String),
-}
-
-/// State of one client session, shared by its successive connections.
-struct Session {
-    id: SessionId,
-    client: PublicKey,
-    export: Arc<Export>,
-    access: Access,
-    state: Mutex<SessionState>,
-}
-
-struct SessionState {
-    cache: ReplyCache,
-    /// Where replies go: the session's current connection, if it has one.
-    sink: Option<(u64, Arc<Replies<TcpStream>>)>,
-    detached_since: Option<Instant>,
 }
 
 impl Server {
@@ -270,7 +266,11 @@ impl Server {
             refusals: Mutex::new(RefusalLog::new()),
             handshakers: Handshakers::new(handshakers::threads())
                 .map_err(|e| format!("cannot start handshake threads: {e}"))?,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(SessionTable::new(SessionLimits {
+                per_key: cfg.max_sessions_per_key.max(1),
+                total: cfg.max_sessions.max(1),
+                linger: cfg.session_linger,
+            })),
             workers: Workers::new(io_threads(), cfg.max_transfer as u64 + fair::BASE_COST)
                 .map_err(|e| format!("cannot start I/O threads: {e}"))?,
             pool: Arc::new(Pool::new(POOL_BYTES)),
@@ -299,8 +299,9 @@ impl Server {
     /// export and returns.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> io::Result<()> {
         let shared = self.shared.clone();
-        // Refusals held back are summarised even once a flood stops.
-        let _summaries = smol::spawn({
+        // Each second: refusals held back are summarised even once a flood stops, and
+        // sessions past their linger time let go of what they hold.
+        let _ticks = smol::spawn({
             let shared = shared.clone();
             async move {
                 loop {
@@ -309,6 +310,7 @@ impl Server {
                     for (kind, line) in lines {
                         log::log!(kind.level(), "{line}");
                     }
+                    shared.expire_sessions();
                 }
             }
         });
@@ -438,6 +440,7 @@ impl Shared {
         );
         let replies = Replies::new(tx, self.pool.clone());
         session.attach(conn, replies.clone());
+        self.sessions.lock().unwrap().attach(&session.id, conn);
         let stopped = async {
             let stop = self.stop.listen();
             if !self.shutting_down.load(Ordering::SeqCst) {
@@ -486,6 +489,10 @@ impl Shared {
         while ended.recv().await.is_ok() {}
         log::info!("{peer}: connection {conn} closed: {why}");
         session.detach(conn);
+        self.sessions
+            .lock()
+            .unwrap()
+            .detach(&session.id, conn, Instant::now());
         replies.close().await;
     }
 
@@ -543,17 +550,18 @@ impl Shared {
         reader: TcpStream,
         writer: TcpStream,
     ) -> Result<Opened, Unopened> {
-        let (mut tx, mut rx, client) = flight.accept(reader, writer, &self.key, |key| {
-            match self.authorized_keys.read().unwrap().lookup(key) {
-                Some(_) => Ok(()),
-                None => Err(format!(
-                    "client key {key} is not in the server's authorized keys ({}); add it there to admit this client",
-                    self.authorized_keys_path.display()
+        let (mut tx, mut rx, client) = flight
+            .accept(reader, writer, &self.key, |key| {
+                match self.authorized_keys.read().unwrap().lookup(key) {
+                    Some(_) => Ok(()),
+                    None => Err(format!(
+                    "client key {key} is not in this server's authorized keys; its operator can \
+                     add it there to admit this client"
                 )),
-            }
-        })
-        .await
-        .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))?;
+                }
+            })
+            .await
+            .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))?;
         // A first message can be replayed: the client has proved its key only once a record
         // of its own decrypts, so until then it is still a stranger.
         let hello = match rx.recv(&NEGOTIATION_LIMITS).await {
@@ -632,145 +640,52 @@ impl Shared {
     }
 
     /// Decides whether a client may open what it asks for, and finds or makes its session.
-    fn negotiate(&self, client: &PublicKey, hello: &Hello) -> Result<Arc<Session>, (i32, String)> {
+    fn negotiate(&self, client: &PublicKey, hello: &Hello) -> Result<Arc<Session>, Refused> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err((libc::ESHUTDOWN, "the server is shutting down".into()));
         }
-        if hello.version != PROTOCOL_VERSION {
-            return Err((
-                libc::EPROTONOSUPPORT,
-                format!(
-                    "protocol version {} is not supported; this server speaks version {PROTOCOL_VERSION}",
-                    hello.version
-                ),
-            ));
-        }
-        let Some(export) = self.exports.get(&hello.export) else {
-            let mut names: Vec<_> = self.exports.keys().cloned().collect();
-            names.sort();
-            return Err((
-                libc::ENOENT,
-                format!(
-                    "no export named '{}'; this server exports: {}",
-                    hello.export,
-                    names.join(", ")
-                ),
-            ));
-        };
+        let export = self.exports.get(&hello.export);
         let grant = self
             .authorized_keys
             .read()
             .unwrap()
             .grant(client, &hello.export);
-        let may_write = match grant {
-            Grant::Unknown => return Err((libc::EACCES, format!("client key {client} is no longer authorized"))),
-            Grant::NotThisExport => {
-                return Err((
-                    libc::EACCES,
-                    format!(
-                        "client key {client} may not open export '{}'; add it to the key's exports= in {}",
-                        hello.export,
-                        self.authorized_keys_path.display()
-                    ),
-                ))
-            }
-            Grant::ReadOnly => false,
-            Grant::ReadWrite => !export.read_only,
-        };
-        if hello.access == Access::ReadWrite && !may_write {
-            let why = if export.read_only {
-                "the export is read-only on the server"
-            } else {
-                "this client's key is read-only (ro) in authorized_keys"
-            };
-            return Err((
-                libc::EROFS,
-                format!(
-                    "export '{}' cannot be opened read-write: {why}; mount it read-only (--ro)",
-                    hello.export
-                ),
-            ));
-        }
-
-        let mut sessions = self.sessions.lock().unwrap();
-        Self::reap_sessions(&mut sessions, self.session_linger);
-        if let Some(id) = hello.session {
-            if let Some(s) = sessions.get(&id) {
-                if s.client == *client && Arc::ptr_eq(&s.export, export) && s.access == hello.access
-                {
-                    return Ok(s.clone());
-                }
-            }
-        }
-        let id: SessionId = random_id();
-        if hello.access == Access::ReadWrite {
-            let mut writer = export.writer.lock().unwrap();
-            if let Some(other) = *writer {
-                match sessions.get(&other) {
-                    // The same client, restarted: its old session has no connection and
-                    // can only be resumed by the id it lost, so let the new one take over.
-                    Some(s) if s.client == *client && s.detached_for().is_some() => {
-                        log::info!(
-                            "export '{}': session replaced by a new one of the same client",
-                            export.name
-                        );
-                        sessions.remove(&other);
-                    }
-                    Some(s) => {
-                        let state = match s.detached_for() {
-                            Some(d) => format!(
-                                "disconnected {}s ago; released {}s after its disconnect",
-                                d.as_secs(),
-                                self.session_linger.as_secs()
-                            ),
-                            None => "connected".into(),
-                        };
-                        return Err((
-                            libc::EBUSY,
-                            format!(
-                                "export '{}' is already open read-write by another client (key {}, {state}); unmount it there, or mount read-only (--ro)",
-                                export.name, s.client
-                            ),
-                        ));
-                    }
-                    None => {}
-                }
-            }
-            *writer = Some(id);
-        }
-        let session = Arc::new(Session {
-            id,
-            client: *client,
-            export: export.clone(),
-            access: hello.access,
-            state: Mutex::new(SessionState {
-                cache: ReplyCache::new(self.session_requests * CACHE_PER_REQUEST),
-                sink: None,
-                detached_since: None,
-            }),
+        let target = export.map(|e| negotiation::Target {
+            read_only: e.read_only,
         });
-        sessions.insert(id, session.clone());
+        negotiation::check(hello, target, grant)?;
+        let export = export.expect("checked: the export exists");
+        let ask = Ask {
+            client: *client,
+            export: &export.name,
+            access: hello.access,
+        };
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some(s) = hello.session.and_then(|id| sessions.resume(&id, &ask)) {
+            return Ok(s);
+        }
+        let session = Arc::new(Session::new(
+            random_id(),
+            *client,
+            export.clone(),
+            hello.access,
+            ReplyCache::new(self.session_requests * CACHE_PER_REQUEST),
+        ));
+        let now = Instant::now();
+        let ended = sessions.expire(now);
+        let made = sessions.create(session.id, &ask, session.clone(), now);
+        drop(sessions);
+        log_ended(ended);
+        let gone =
+            made.map_err(|r| negotiation::refused_session(&r, &export.name, self.session_linger))?;
+        log_ended(gone);
         Ok(session)
     }
 
-    /// Drops sessions whose client has not come back within the linger time. Sessions
-    /// are only made by negotiations, so reaping at each one bounds them.
-    fn reap_sessions(sessions: &mut HashMap<SessionId, Arc<Session>>, linger: Duration) {
-        sessions.retain(|_, s| {
-            let expired = s.detached_for().is_some_and(|d| d > linger);
-            if expired {
-                log::info!(
-                    "export '{}': session of client {} expired",
-                    s.export.name,
-                    s.client
-                );
-                let mut writer = s.export.writer.lock().unwrap();
-                if *writer == Some(s.id) {
-                    *writer = None;
-                }
-            }
-            !expired
-        });
+    /// Lets go of the sessions disconnected for longer than the linger time.
+    fn expire_sessions(&self) {
+        let ended = self.sessions.lock().unwrap().expire(Instant::now());
+        log_ended(ended);
     }
 
     /// Reads and dispatches requests, in turns with the connection's other reader, until
@@ -837,14 +752,10 @@ impl Shared {
                 {
                     Admit::Answer(0)
                 }
-                None => {
-                    session
-                        .state
-                        .lock()
-                        .unwrap()
-                        .cache
-                        .admit(h.txid, h.floor, h.op == Op::Read)
-                }
+                None => session
+                    .state()
+                    .cache
+                    .admit(h.txid, h.floor, h.op == Op::Read),
             };
             match admit {
                 Admit::Execute => {}
@@ -924,52 +835,20 @@ impl Shared {
     }
 }
 
-impl Session {
-    fn attach(&self, conn: u64, sink: Arc<Replies<TcpStream>>) {
-        let mut st = self.state.lock().unwrap();
-        st.sink = Some((conn, sink));
-        st.detached_since = None;
-    }
-
-    fn detach(&self, conn: u64) {
-        let mut st = self.state.lock().unwrap();
-        if st.sink.as_ref().is_some_and(|(c, _)| *c == conn) {
-            st.sink = None;
-            st.detached_since = Some(Instant::now());
-        }
-    }
-
-    fn detached_for(&self) -> Option<Duration> {
-        self.state
-            .lock()
-            .unwrap()
-            .detached_since
-            .map(|t| t.elapsed())
-    }
-
-    /// Sends a reply on the connection `conn`, if it is still the session's.
-    fn reply(&self, conn: u64, reply: Reply) {
-        let turn = match &self.state.lock().unwrap().sink {
-            Some((c, sink)) if *c == conn => sink.queue(reply),
-            _ => None,
+/// Logs why sessions ended; their requests still executing finish, and their replies are
+/// dropped.
+fn log_ended(ended: Vec<Ended<Arc<Session>>>) {
+    for Ended { value: s, why } in ended {
+        let why = match why {
+            EndReason::Expired => "expired",
+            EndReason::Evicted => "evicted for a newer session",
+            EndReason::Replaced => "replaced by a new one of the same client",
         };
-        if let Some(turn) = turn {
-            turn.send();
-        }
-    }
-
-    /// Records an executed transaction and queues its reply on the current connection.
-    /// Both happen under one lock, so a resend sees either the result or the execution;
-    /// the reply is sent after the lock is let go.
-    fn complete(&self, txid: u64, reply: Reply) {
-        let turn = {
-            let mut st = self.state.lock().unwrap();
-            st.cache.complete(txid, reply.header.status);
-            st.sink.as_ref().and_then(|(_, sink)| sink.queue(reply))
-        };
-        if let Some(turn) = turn {
-            turn.send();
-        }
+        log::info!(
+            "export '{}': session of client {} {why}",
+            s.export.name,
+            s.client
+        );
     }
 }
 
