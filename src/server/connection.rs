@@ -1,0 +1,409 @@
+//! One connection's life on the export node: admission of a stranger, the handshake on
+//! the handshake threads within its deadlines, negotiation (the client's session found
+//! or made), then its two request readers and its replies until it ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use smol::future::FutureExt;
+use smol::net::{Shutdown, TcpStream};
+
+use super::admission::{Admitted, HandshakeSlot, Kind, Prefix, Rates};
+use super::baton::Baton;
+use super::budget::Admission;
+use super::limits::Slot;
+use super::negotiation::Refused;
+use super::replies::Replies;
+use super::reply_cache::ReplyCache;
+use super::session::Session;
+use super::sessions::{Ask, EndReason, Ended};
+use super::{negotiation, Shared};
+use crate::blocking::ThreadReader;
+use crate::channel::{self, FirstFlight, Sender};
+use crate::keys::PublicKey;
+use crate::protocol::{
+    self, features, ExportInfo, Frame, Hello, Limits, SessionId, Welcome, MAX_NEGOTIATION,
+    PROTOCOL_VERSION,
+};
+
+/// Negotiation happens before any transfer size is agreed.
+const NEGOTIATION_LIMITS: Limits = Limits {
+    max_transfer: MAX_NEGOTIATION as u32,
+};
+/// Reply cache entries a session keeps, per request it may have in progress: the cache
+/// must remember every transaction the client may still resend.
+const CACHE_PER_REQUEST: usize = 4;
+
+/// A connection after negotiation: its channel halves, its session, its place among its
+/// key's connections, among all, and in the budget.
+type Opened = (
+    Sender<TcpStream>,
+    channel::Receiver<TcpStream>,
+    Arc<Session>,
+    Places,
+);
+
+/// A connection's places among its key's connections, among all, and in the budget;
+/// given back when it closes.
+struct Places {
+    _key: Slot<PublicKey>,
+    _all: Slot<()>,
+    _budget: Admission,
+}
+
+/// Why a connection was not opened.
+enum Unopened {
+    /// Its handshake place went to a newer connection; logged when that one came.
+    Evicted,
+    /// Failed before the client proved its key, or timed out: logged rate-limited.
+    Stranger(Kind, String),
+    /// Refused or failed in the negotiation, the client's key proved.
+    Negotiation(String),
+}
+
+impl Shared {
+    /// Decides whether a connection from `peer` may start a handshake: within its
+    /// prefix's rate and share, making room by dropping the oldest handshake if need be.
+    pub(super) fn admit(&self, peer: SocketAddr, now: Instant) -> Option<HandshakeSlot> {
+        let prefix = Prefix::of(peer.ip());
+        if !self.rates.lock().unwrap().allow(prefix, now) {
+            let why = format!(
+                "{peer}: over the handshake rate of prefix {prefix} ({}/s, burst {})",
+                Rates::RATE,
+                Rates::BURST
+            );
+            self.refused(Kind::Rate, why, now);
+            return None;
+        }
+        match self.handshakes.admit(peer.ip()) {
+            Admitted::PrefixFull => {
+                let why = format!(
+                    "{peer}: handshake limit for prefix {prefix}: {} in progress \
+                     (--max-handshakes-per-prefix)",
+                    self.handshakes.per_prefix()
+                );
+                self.refused(Kind::PrefixFull, why, now);
+                None
+            }
+            Admitted::In(slot, evicted) => {
+                if let Some(old) = evicted {
+                    let why = format!(
+                        "the oldest, from {old}, for one from {peer}: {} handshakes in progress \
+                         (--max-handshakes)",
+                        self.handshakes.max()
+                    );
+                    self.refused(Kind::Evicted, why, now);
+                }
+                Some(slot)
+            }
+        }
+    }
+
+    fn refused(&self, kind: Kind, what: String, now: Instant) {
+        let line = self.refusals.lock().unwrap().note(kind, what, now);
+        if let Some(line) = line {
+            log::log!(kind.level(), "{line}");
+        }
+    }
+
+    pub(super) async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: HandshakeSlot,
+    ) {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let handshake = self.clone().handshake(conn, stream.clone(), slot);
+        let (tx, rx, session, _places) = match self.handshakers.spawn(handshake).await {
+            Ok(v) => v,
+            Err(Unopened::Evicted) => return,
+            Err(Unopened::Stranger(kind, why)) => {
+                self.refused(kind, format!("{peer}: {why:?}"), Instant::now());
+                return;
+            }
+            Err(Unopened::Negotiation(why)) => {
+                log::info!("connection from {peer} closed: {why:?}");
+                return;
+            }
+        };
+        log::info!(
+            "{peer}: client {} opened export '{}' {:?} (connection {conn})",
+            session.client,
+            session.export.name,
+            session.access
+        );
+        let replies = Replies::new(tx, self.pool.clone());
+        session.attach(conn, replies.clone());
+        self.sessions.lock().unwrap().attach(&session.id, conn);
+        let stopped = async {
+            let stop = self.stop.listen();
+            if !self.shutting_down.load(Ordering::SeqCst) {
+                stop.await;
+            }
+            "the server is shutting down".to_string()
+        };
+        // Requests are read by threads of their own, which the kernel wakes when they come
+        // and which hand each to a worker: no reactor between the socket and the disk. Two
+        // take turns (see `baton`), so that one can run a lone request itself.
+        let (ended_tx, ended) = smol::channel::bounded(2);
+        let (closing_tx, closing) = smol::channel::bounded::<()>(1);
+        let reader = ThreadReader::new(&stream).and_then(|reader| {
+            let baton = Arc::new(Baton::new(rx.with_reader(reader)));
+            for _ in 0..2 {
+                let (shared, session, baton) = (self.clone(), session.clone(), baton.clone());
+                let (closing, ended_tx) = (closing.clone(), ended_tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("dst-conn-{conn}"))
+                    .spawn(move || {
+                        let read = shared.read_requests(&session, conn, &baton, &closing);
+                        let _ = ended_tx.send_blocking(smol::block_on(read));
+                        baton.end();
+                    })?;
+            }
+            Ok(())
+        });
+        drop(ended_tx);
+        let why = match reader {
+            Ok(_) => {
+                let read = async {
+                    ended
+                        .recv()
+                        .await
+                        .unwrap_or_else(|_| "the request reader stopped".into())
+                };
+                read.or(replies.ended()).or(stopped).await
+            }
+            Err(e) => format!("cannot start a reader for the connection: {e}"),
+        };
+        // The readers stop at once, blocked on the socket or on the window, and are waited
+        // for, so nothing more of this connection executes once it is detached. Replies
+        // already queued still go out.
+        drop(closing_tx);
+        let _ = stream.shutdown(Shutdown::Read);
+        while ended.recv().await.is_ok() {}
+        log::info!("{peer}: connection {conn} closed: {why}");
+        session.detach(conn);
+        self.sessions
+            .lock()
+            .unwrap()
+            .detach(&session.id, conn, Instant::now());
+        replies.close().await;
+    }
+
+    /// The handshake and the negotiation, each within its deadline, unless the connection's
+    /// place is given to a newer one first. Its place is given back once it has opened.
+    async fn handshake(
+        self: Arc<Self>,
+        conn: u64,
+        stream: TcpStream,
+        slot: HandshakeSlot,
+    ) -> Result<Opened, Unopened> {
+        let (mut reader, mut writer) = (stream.clone(), stream);
+        let open = async {
+            let flight = async {
+                channel::accept_first_flight(&mut reader, &mut writer, &self.ciphers)
+                    .await
+                    .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))
+            };
+            let late = async {
+                smol::Timer::after(self.first_flight_timeout).await;
+                Err(Unopened::Stranger(
+                    Kind::FirstFlight,
+                    format!(
+                        "sent no first handshake message within {:?}",
+                        self.first_flight_timeout
+                    ),
+                ))
+            };
+            let flight = flight.or(late).await?;
+            self.open(conn, flight, reader, writer).await
+        };
+        let timeout = async {
+            smol::Timer::after(self.handshake_timeout).await;
+            Err(Unopened::Stranger(
+                Kind::Timeout,
+                format!(
+                    "did not finish the handshake within {:?}",
+                    self.handshake_timeout
+                ),
+            ))
+        };
+        let evicted = async {
+            slot.evicted().await;
+            Err(Unopened::Evicted)
+        };
+        open.or(timeout).or(evicted).await
+    }
+
+    /// The rest of the handshake, and negotiation. Also returns the connection's places
+    /// among its key's, among all and in the budget.
+    async fn open(
+        &self,
+        conn: u64,
+        flight: FirstFlight,
+        reader: TcpStream,
+        writer: TcpStream,
+    ) -> Result<Opened, Unopened> {
+        let (mut tx, mut rx, client) = flight
+            .accept(reader, writer, &self.key, |key| {
+                match self.authorized_keys.read().unwrap().lookup(key) {
+                    Some(_) => Ok(()),
+                    None => Err(format!(
+                    "client key {key} is not in this server's authorized keys; its operator can \
+                     add it there to admit this client"
+                )),
+                }
+            })
+            .await
+            .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))?;
+        // A first message can be replayed: the client has proved its key only once a record
+        // of its own decrypts, so until then it is still a stranger.
+        let hello = match rx.recv(&NEGOTIATION_LIMITS).await {
+            Ok(Some(Frame::Hello(h))) => h,
+            Ok(Some(_)) => return Err(Unopened::Negotiation("first frame is not HELLO".into())),
+            Ok(None) => {
+                let why = "closed before negotiation".into();
+                return Err(Unopened::Stranger(Kind::Failed, why));
+            }
+            Err(e) => return Err(Unopened::Stranger(Kind::Failed, e.to_string())),
+        };
+        let slot = self.per_key.try_take(&client);
+        let open = self.connections.try_take(&());
+        let admission = self.budget.admit(conn);
+        let result = match (&slot, &open, &admission) {
+            (Some(_), Some(_), Some(_)) => self.negotiate(&client, &hello),
+            (Some(_), Some(_), None) => Err((
+                libc::EAGAIN,
+                "the server's memory budget is in use by other connections; try again later, \
+                 or raise the server's --memory-budget"
+                    .to_string(),
+            )),
+            (None, _, _) => Err((
+                libc::EUSERS,
+                format!(
+                    "{} connections with this client key are open, the most allowed; close one, \
+                     or raise the server's --max-connections-per-key",
+                    self.per_key.max()
+                ),
+            )),
+            (_, None, _) => Err((
+                libc::EUSERS,
+                format!(
+                    "{} connections are open on this server, the most allowed; try again later, \
+                     or raise the server's --max-connections",
+                    self.connections.max()
+                ),
+            )),
+        };
+        let welcome = match &result {
+            Ok(s) => Welcome::Accepted(ExportInfo {
+                version: PROTOCOL_VERSION,
+                export: s.export.name.clone(),
+                access: s.access,
+                session: s.id,
+                resumed: hello.session == Some(s.id),
+                boot_id: self.boot_id.clone(),
+                size: s.export.size,
+                block_size: s.export.block_size,
+                max_transfer: self.max_transfer.min(hello.max_transfer.max(64 << 10)),
+                features: features::ALL,
+            }),
+            Err((status, message)) => Welcome::Refused {
+                status: *status as u32,
+                message: message.clone(),
+            },
+        };
+        let mut buf = Vec::new();
+        protocol::encode_welcome(&mut buf, &welcome);
+        tx.send(&buf)
+            .await
+            .map_err(|e| Unopened::Negotiation(e.to_string()))?;
+        match result {
+            Ok(s) => Ok((
+                tx,
+                rx,
+                s,
+                Places {
+                    _key: slot.expect("negotiated only with a slot"),
+                    _all: open.expect("negotiated only with a slot"),
+                    _budget: admission.expect("negotiated only when admitted"),
+                },
+            )),
+            Err((_, message)) => Err(Unopened::Negotiation(format!("refused: {message}"))),
+        }
+    }
+
+    /// Decides whether a client may open what it asks for, and finds or makes its session.
+    fn negotiate(&self, client: &PublicKey, hello: &Hello) -> Result<Arc<Session>, Refused> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err((libc::ESHUTDOWN, "the server is shutting down".into()));
+        }
+        let export = self.exports.get(&hello.export);
+        let grant = self
+            .authorized_keys
+            .read()
+            .unwrap()
+            .grant(client, &hello.export);
+        let target = export.map(|e| negotiation::Target {
+            read_only: e.read_only,
+        });
+        negotiation::check(hello, target, grant)?;
+        let export = export.expect("checked: the export exists");
+        let ask = Ask {
+            client: *client,
+            export: &export.name,
+            access: hello.access,
+        };
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some(s) = hello.session.and_then(|id| sessions.resume(&id, &ask)) {
+            return Ok(s);
+        }
+        let session = Arc::new(Session::new(
+            random_id(),
+            *client,
+            export.clone(),
+            hello.access,
+            ReplyCache::new(self.session_requests * CACHE_PER_REQUEST),
+        ));
+        let now = Instant::now();
+        let ended = sessions.expire(now);
+        let made = sessions.create(session.id, &ask, session.clone(), now);
+        drop(sessions);
+        log_ended(ended);
+        let gone =
+            made.map_err(|r| negotiation::refused_session(&r, &export.name, self.session_linger))?;
+        log_ended(gone);
+        Ok(session)
+    }
+
+    /// Lets go of the sessions disconnected for longer than the linger time.
+    pub(super) fn expire_sessions(&self) {
+        let ended = self.sessions.lock().unwrap().expire(Instant::now());
+        log_ended(ended);
+    }
+}
+
+/// Logs why sessions ended; their requests still executing finish, and their replies are
+/// dropped.
+fn log_ended(ended: Vec<Ended<Arc<Session>>>) {
+    for Ended { value: s, why } in ended {
+        let why = match why {
+            EndReason::Expired => "expired",
+            EndReason::Evicted => "evicted for a newer session",
+            EndReason::Replaced => "replaced by a new one of the same client",
+        };
+        log::info!(
+            "export '{}': session of client {} {why}",
+            s.export.name,
+            s.client
+        );
+    }
+}
+
+fn random_id() -> SessionId {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).expect("the OS random number generator works");
+    id
+}
