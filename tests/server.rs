@@ -533,3 +533,25 @@ fn a_disconnected_writer_is_released_after_the_linger_time() {
     std::thread::sleep(Duration::from_millis(1200));
     connect(&other);
 }
+
+#[test]
+fn created_images_and_checksum_tables_are_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new();
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--export",
+        "sums=sums.img:checksums",
+        "--create-size",
+        "1M",
+    ]);
+    server.wait_for_log("checksums on");
+    for name in ["disk.img", "sums.img", "sums.img.dst-sum"] {
+        let mode = std::fs::metadata(s.path(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {:o}\n{}", mode, server.log());
+    }
+}
