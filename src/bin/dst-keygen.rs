@@ -12,7 +12,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Overwrite FILE if it exists; peers that trust the old public key are locked out
+    /// Overwrite FILE and FILE.pub if they exist; peers that trust the old public key are
+    /// locked out
     #[arg(long)]
     force: bool,
 
