@@ -124,25 +124,71 @@ pub fn public_key_path(private: &Path) -> PathBuf {
 }
 
 /// Generates a key pair and writes the private key to `path` (mode 0600) and the public key to
-/// `path.pub`. Without `force` an existing private key is never overwritten: whoever trusts the
-/// old public key would be locked out.
+/// `path.pub`. Without `force` neither file is ever overwritten: whoever trusts the old public
+/// key would be locked out, and a stale `path.pub` beside a new key would mislead. With
+/// `force` both are replaced. A symbolic link at either path is refused, never followed.
 pub fn write_keypair(path: &Path, force: bool) -> Result<PublicKey, KeyError> {
     let shown = path.display();
-    let key = generate();
+    let pub_path = public_key_path(path);
+    let pub_shown = pub_path.display();
 
-    let mut options = OpenOptions::new();
-    options.write(true).mode(0o600);
-    if force {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    let mut file = options.open(path).map_err(|e| match e.kind() {
+    // Opens `path` for writing, never through a symbolic link: O_EXCL (create_new) refuses any
+    // existing name, links included, and with `force` an existing file is opened with
+    // O_NOFOLLOW, so that a link planted at the path cannot redirect the key elsewhere. Says
+    // whether the file is new; an existing one is truncated only once both files are open.
+    let open = |path: &Path, mode: u32| {
+        let mut options = OpenOptions::new();
+        options
+            .write(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW);
+        match options.clone().create_new(true).open(path) {
+            Ok(file) => Ok((file, true)),
+            Err(e) if force && e.kind() == io::ErrorKind::AlreadyExists => {
+                options.open(path).map(|file| (file, false))
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let is_link = |e: &io::Error| e.raw_os_error() == Some(libc::ELOOP);
+
+    let (mut file, created) = open(path, 0o600).map_err(|e| match e.kind() {
         io::ErrorKind::AlreadyExists => KeyError(format!(
             "{shown} already exists; pass --force to overwrite it (the old key stops working)"
         )),
+        _ if is_link(&e) => KeyError(format!(
+            "{shown} is a symbolic link; refusing to write a private key through it \
+             (remove it, or pass the link's target)"
+        )),
         _ => KeyError(format!("cannot create private key {shown}: {e}")),
     })?;
+    // The public key file is opened before anything is written, so that a refusal leaves the
+    // old key pair as it was, and no new private key without its public key. The public key
+    // is for everyone to read, as far as the umask lets it.
+    let (mut pub_file, _) = open(&pub_path, 0o644).map_err(|e| {
+        if created {
+            // We created it a moment ago, and it is still empty.
+            let _ = fs::remove_file(path);
+        }
+        match e.kind() {
+            io::ErrorKind::AlreadyExists => KeyError(format!(
+                "{pub_shown} already exists, perhaps the public key of an earlier key; \
+                 remove it, or choose another name for the key"
+            )),
+            _ if is_link(&e) => KeyError(format!(
+                "{pub_shown} is a symbolic link; refusing to write the public key through it \
+                 (remove it, or choose another name for the key)"
+            )),
+            _ => KeyError(format!("cannot create public key {pub_shown}: {e}")),
+        }
+    })?;
+    file.set_len(0)
+        .map_err(|e| KeyError(format!("cannot write private key {shown}: {e}")))?;
+    pub_file
+        .set_len(0)
+        .map_err(|e| KeyError(format!("cannot write public key {pub_shown}: {e}")))?;
+
+    let key = generate();
     // `mode` only applies to new files; an overwritten one keeps its old mode, so fix it before
     // the new key is written.
     file.set_permissions(fs::Permissions::from_mode(0o600))
@@ -152,12 +198,10 @@ pub fn write_keypair(path: &Path, force: bool) -> Result<PublicKey, KeyError> {
         .map_err(|e| KeyError(format!("cannot write private key {shown}: {e}")))?;
 
     let public = key.public();
-    let pub_path = public_key_path(path);
-    fs::write(&pub_path, format!("{public}\n")).map_err(|e| {
+    writeln!(pub_file, "{public}").map_err(|e| {
         KeyError(format!(
-            "cannot write public key {}: {e} (the private key in {shown} is fine; \
-             the public key is also printed by dst-keygen)",
-            pub_path.display()
+            "cannot write public key {pub_shown}: {e} (the private key in {shown} is fine; \
+                 the public key is also printed by dst-keygen)"
         ))
     })?;
     Ok(public)
@@ -273,6 +317,74 @@ mod tests {
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "--force must restore mode 0600");
         assert_eq!(load_private(&path).unwrap().public(), second);
+    }
+
+    #[test]
+    fn a_symlink_at_the_key_path_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, "precious\n").unwrap();
+        let link = dir.path().join("k");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        let err = msg(write_keypair(&link, false));
+        assert!(err.contains("already exists"), "{err}");
+        let err = msg(write_keypair(&link, true));
+        assert!(err.contains("is a symbolic link; refusing"), "{err}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious\n");
+        assert!(!dir.path().join("k.pub").exists());
+
+        // A dangling link, which O_CREAT alone would follow to create its target.
+        let dangling = dir.path().join("d");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        let err = msg(write_keypair(&dangling, false));
+        assert!(err.contains("already exists"), "{err}");
+        let err = msg(write_keypair(&dangling, true));
+        assert!(err.contains("is a symbolic link; refusing"), "{err}");
+        assert!(!dir.path().join("nowhere").exists());
+
+        // Nor is the public key written through a link.
+        let path = dir.path().join("p");
+        std::os::unix::fs::symlink(&target, dir.path().join("p.pub")).unwrap();
+        let err = msg(write_keypair(&path, true));
+        assert!(err.contains("p.pub is a symbolic link; refusing"), "{err}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious\n");
+        assert!(!path.exists(), "a refused key pair leaves no private key");
+    }
+
+    #[test]
+    fn an_existing_public_key_file_is_refused_and_no_private_key_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let pub_path = dir.path().join("k.pub");
+        fs::write(&pub_path, "an earlier key\n").unwrap();
+        let err = msg(write_keypair(&path, false));
+        assert!(
+            err.contains(&format!("{} already exists", pub_path.display())),
+            "{err}"
+        );
+        assert!(
+            err.contains("remove it, or choose another name for the key"),
+            "{err}"
+        );
+        assert!(!path.exists(), "a refused key pair leaves no private key");
+        assert_eq!(fs::read_to_string(&pub_path).unwrap(), "an earlier key\n");
+
+        // --force replaces both, as before.
+        let public = write_keypair(&path, true).unwrap();
+        assert_eq!(
+            fs::read_to_string(&pub_path).unwrap(),
+            format!("{public}\n")
+        );
+        assert_eq!(load_private(&path).unwrap().public(), public);
+
+        // A refused --force leaves the old pair as it was.
+        fs::remove_file(&pub_path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &pub_path).unwrap();
+        let err = msg(write_keypair(&path, true));
+        assert!(err.contains("is a symbolic link; refusing"), "{err}");
+        assert_eq!(load_private(&path).unwrap().public(), public);
+        assert!(!dir.path().join("elsewhere").exists());
     }
 
     #[test]

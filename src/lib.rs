@@ -11,7 +11,8 @@
 //! encrypted framing ([`transport`] its record cipher), [`server`] the export node, [`client`] the client side, and
 //! [`keys`] the key files both sides use. On the client, [`fuse`] shows an export as one
 //! file, [`mount`] runs a mount from start to unmount, and [`mount_options`] parses what
-//! mount(8), fstab and `dst-mount` are given.
+//! mount(8), fstab and `dst-mount` are given. [`process`] keeps key material out of core
+//! dumps in every binary.
 
 pub mod blocking;
 pub mod channel;
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod mount;
 pub mod mount_options;
 pub mod pool;
+pub mod process;
 pub mod protocol;
 pub mod server;
 pub mod socket;

@@ -549,3 +549,48 @@ fn a_disconnected_writer_is_released_after_the_linger_time() {
     std::thread::sleep(Duration::from_millis(1200));
     connect(&other);
 }
+
+#[test]
+fn created_images_and_checksum_tables_are_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new();
+    let server = s.server(&[
+        "--export",
+        "disk=disk.img",
+        "--export",
+        "sums=sums.img:checksums",
+        "--create-size",
+        "1M",
+    ]);
+    server.wait_for_log("checksums on");
+    for name in ["disk.img", "sums.img", "sums.img.dst-sum"] {
+        let mode = std::fs::metadata(s.path(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}: {:o}\n{}", mode, server.log());
+    }
+}
+
+#[test]
+fn the_server_cannot_dump_core() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let values: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
+    assert_eq!(values, ["0", "0"], "{core}");
+    // A non-dumpable process's /proc entries belong to root, which only shows when the tests
+    // run as another user (PR_GET_DUMPABLE itself is checked by dst::process's unit test).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::MetadataExt;
+        let fd_dir = std::fs::metadata(format!("/proc/{}/fd", server.pid())).unwrap();
+        assert_eq!(fd_dir.uid(), 0, "dst-server is still dumpable");
+    }
+    // What tests read of a server's /proc stays readable.
+    assert!(common::rss_kib(server.pid()) > 0);
+}

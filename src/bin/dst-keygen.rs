@@ -12,7 +12,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Overwrite FILE if it exists; peers that trust the old public key are locked out
+    /// Overwrite FILE and FILE.pub if they exist; peers that trust the old public key are
+    /// locked out
     #[arg(long)]
     force: bool,
 
@@ -22,7 +23,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    env_logger::init();
+    // Before the key is generated: no core dumps of key material.
+    let protected = dst::process::protect_process();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Err(e) = protected {
+        log::warn!("cannot disable core dumps (key material could end up in one): {e}");
+    }
     let args = Args::parse();
     match dst::keys::write_keypair(&args.file, args.force) {
         Ok(public) => {

@@ -152,10 +152,15 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    // Before the key is read: no core dumps of key material.
+    let protected = dst::process::protect_process();
     // fuser warns about harmless things, such as unmounting what umount(8) already unmounted.
     let default_filter = "info,fuser=error";
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .init();
+    if let Err(e) = protected {
+        log::warn!("cannot disable core dumps (key material could end up in one): {e}");
+    }
     let args = Args::parse();
     if let Some(mountpoint) = &args.status {
         return match dst::mount::status(mountpoint) {

@@ -180,7 +180,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before the key is read: no core dumps of key material.
+    let protected = dst::process::protect_process();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = protected {
+        log::warn!("cannot disable core dumps (key material could end up in one): {e}");
+    }
     let cli = Cli::parse();
     let args = match (cli.command, cli.serve) {
         (Some(Command::Scrub(scrub)), _) => return run_scrub(scrub),

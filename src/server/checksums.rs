@@ -50,7 +50,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
@@ -1278,13 +1278,13 @@ fn build(
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    // Checksums tell something about the contents: no more readable than the image.
-    let mode = image.metadata()?.permissions().mode() & 0o666;
+    // Checksums tell something about the contents (they confirm a guessed block): readable
+    // by the server's user only, like the images it creates.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .mode(mode | 0o600)
+        .mode(0o600)
         .open(&tmp)?;
     let result = (|| {
         file.set_len(layout.file_len())?;

@@ -132,9 +132,12 @@ impl Export {
                     path.display()
                 )
             })?;
+            // An image holds a client's data: readable by the server's user only (the umask
+            // can only narrow this).
             let f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(path)
                 .map_err(ctx)?;
             f.set_len(size).map_err(ctx)?;
