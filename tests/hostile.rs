@@ -401,13 +401,20 @@ fn request(op: Op, flags: u8, txid: u64, offset: u64, length: u32) -> RequestHea
     }
 }
 
-/// p50, p99 and max, printed as the test's figures.
-fn report(what: &str, mut lat: Vec<Duration>) -> (Duration, Duration) {
+/// Measures a victim's 4 KiB reads (see [`victim_read_latencies`]) while `what` goes on,
+/// prints p50, p99 and max as the test's figures, and asserts that the victim was served
+/// about as fast as ever: margins far above an unloaded read (well under 1 ms), far below
+/// the seconds that a first-in-first-out queue behind a flood gives.
+fn assert_victim_served(what: &str, victim: &dst::client::ClientConfig) {
+    let mut lat = victim_read_latencies(victim, 200);
     lat.sort();
     let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
     let (p50, p99, max) = (at(0.5), at(0.99), *lat.last().unwrap());
     eprintln!("{what}: victim 4 KiB read p50 {p50:?}, p99 {p99:?}, max {max:?}");
-    (p99, max)
+    assert!(
+        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
+        "{what}: victim p99 {p99:?}, max {max:?}"
+    );
 }
 
 /// Two tenants on one export node: the flooders' key on export `a`, the victim's on `b`.
@@ -449,16 +456,12 @@ fn a_flush_flood_from_a_read_only_key_does_not_slow_another_tenant() {
         .map(|_| Flood::start(&cfg, |i| (request(Op::Flush, 0, i, 0, 0), Vec::new())))
         .collect();
     let victim = s.client(&server, "b", Access::ReadWrite);
-    let (p99, max) = report("read-only FLUSH flood", victim_read_latencies(&victim, 200));
+    assert_victim_served("read-only FLUSH flood", &victim);
     let answered: u64 = floods.iter().map(Flood::replies).sum();
     eprintln!("read-only FLUSH flood: {answered} flushes answered meanwhile");
     assert!(
         answered > 1000,
         "the flood ran: {answered} flushes answered"
-    );
-    assert!(
-        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
-        "p99 {p99:?}, max {max:?}"
     );
 }
 
@@ -472,8 +475,7 @@ fn a_fua_write_and_read_flood_from_a_read_write_key_does_not_slow_another_tenant
         let h = request(Op::Write, FLAG_FUA, i, (i % 256) * 4096, 4096);
         (h, pattern(4096, i))
     });
-    // FLUSHes of read-only sessions cost nothing now; these are of the writer's key but
-    // cannot write, so the read-write session above is the one that syncs.
+    // The same key's read-only session adds 1 MiB reads to its turn.
     let reads = Flood::start(&ro, |i| {
         (
             request(Op::Read, 0, i, (i % 512) << 20, 1 << 20),
@@ -481,20 +483,13 @@ fn a_fua_write_and_read_flood_from_a_read_write_key_does_not_slow_another_tenant
         )
     });
     let victim = s.client(&server, "b", Access::ReadWrite);
-    let (p99, max) = report(
-        "FUA write + 1 MiB read flood",
-        victim_read_latencies(&victim, 200),
-    );
+    assert_victim_served("FUA write + 1 MiB read flood", &victim);
     eprintln!(
         "FUA write flood: {} writes, {} reads answered meanwhile",
         fua.replies(),
         reads.replies()
     );
     assert!(fua.replies() > 50, "the flood ran");
-    assert!(
-        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
-        "p99 {p99:?}, max {max:?}"
-    );
 }
 
 #[test]
@@ -508,19 +503,12 @@ fn a_write_zeroes_flood_from_a_read_write_key_does_not_slow_another_tenant() {
         (h, Vec::new())
     });
     let victim = s.client(&server, "b", Access::ReadWrite);
-    let (p99, max) = report(
-        "1 GiB WRITE_ZEROES+FUA flood",
-        victim_read_latencies(&victim, 200),
-    );
+    assert_victim_served("1 GiB WRITE_ZEROES+FUA flood", &victim);
     eprintln!(
         "WRITE_ZEROES flood: {} answered meanwhile",
         zeroes.replies()
     );
     assert!(zeroes.replies() > 10, "the flood ran");
-    assert!(
-        p99 < Duration::from_millis(250) && max < Duration::from_secs(1),
-        "p99 {p99:?}, max {max:?}"
-    );
 }
 
 #[test]
@@ -579,7 +567,7 @@ fn replies_never_read_hold_the_server_to_its_memory_budget() {
     }
     // Another tenant is still served.
     let victim = s.client(&server, "b", Access::ReadWrite);
-    let (p99, _) = report("greedy readers", victim_read_latencies(&victim, 50));
+    assert_victim_served("greedy readers", &victim);
     peak = peak.max(rss_kib(server.pid()));
     eprintln!(
         "{} greedy connections held; server RSS {} MiB before, peak {} MiB (budget {BUDGET_MIB} MiB)",
@@ -596,7 +584,6 @@ fn replies_never_read_hold_the_server_to_its_memory_budget() {
         peak >> 10 < BUDGET_MIB + CONSTANT_MIB,
         "server RSS {peak} KiB under greedy readers"
     );
-    assert!(p99 < Duration::from_secs(1), "victim p99 {p99:?}");
 }
 
 #[test]
