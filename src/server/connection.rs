@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smol::future::FutureExt;
 use smol::net::{Shutdown, TcpStream};
@@ -24,7 +24,7 @@ use crate::blocking::ThreadReader;
 use crate::channel::{self, FirstFlight, Sender};
 use crate::keys::PublicKey;
 use crate::protocol::{
-    self, features, ExportInfo, Frame, Hello, Limits, SessionId, Welcome, MAX_NEGOTIATION,
+    self, features, Access, ExportInfo, Frame, Hello, Limits, SessionId, Welcome, MAX_NEGOTIATION,
     PROTOCOL_VERSION,
 };
 
@@ -32,6 +32,8 @@ use crate::protocol::{
 const NEGOTIATION_LIMITS: Limits = Limits {
     max_transfer: MAX_NEGOTIATION as u32,
 };
+/// How long a new writer waits for the requests of the export's ended sessions.
+const FENCE_WAIT: Duration = Duration::from_secs(5);
 /// Reply cache entries a session keeps, per request it may have in progress: the cache
 /// must remember every transaction the client may still resend.
 const CACHE_PER_REQUEST: usize = 4;
@@ -273,7 +275,10 @@ impl Shared {
         let open = self.connections.try_take(&());
         let admission = self.budget.admit(conn);
         let result = match (&slot, &open, &admission) {
-            (Some(_), Some(_), Some(_)) => self.negotiate(&client, &hello),
+            (Some(_), Some(_), Some(_)) => match self.negotiate(&client, &hello) {
+                Ok((session, fence)) => self.fence(session, fence).await,
+                Err(refused) => Err(refused),
+            },
             (Some(_), Some(_), None) => Err((
                 libc::EAGAIN,
                 "the server's memory budget is in use by other connections; try again later, \
@@ -336,7 +341,13 @@ impl Shared {
     }
 
     /// Decides whether a client may open what it asks for, and finds or makes its session.
-    fn negotiate(&self, client: &PublicKey, hello: &Hello) -> Result<Arc<Session>, Refused> {
+    /// A new writer comes with the ended sessions of its export still executing, which it
+    /// must wait for (see [`fence`](Self::fence)).
+    fn negotiate(
+        &self,
+        client: &PublicKey,
+        hello: &Hello,
+    ) -> Result<(Arc<Session>, Vec<Arc<Session>>), Refused> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err((libc::ESHUTDOWN, "the server is shutting down".into()));
         }
@@ -358,7 +369,7 @@ impl Shared {
         };
         let mut sessions = self.sessions.lock().unwrap();
         if let Some(s) = hello.session.and_then(|id| sessions.resume(&id, &ask)) {
-            return Ok(s);
+            return Ok((s, Vec::new()));
         }
         let session = Arc::new(Session::new(
             random_id(),
@@ -371,34 +382,101 @@ impl Shared {
         let ended = sessions.expire(now);
         let made = sessions.create(session.id, &ask, session.clone(), now);
         drop(sessions);
-        log_ended(ended);
+        self.end_sessions(ended);
         let gone =
             made.map_err(|r| negotiation::refused_session(&r, &export.name, self.session_linger))?;
-        log_ended(gone);
-        Ok(session)
+        self.end_sessions(gone);
+        let mut fence = Vec::new();
+        if hello.access == Access::ReadWrite {
+            let mut draining = self.draining.lock().unwrap();
+            draining.retain(|s| !s.is_drained());
+            fence.extend(
+                draining
+                    .iter()
+                    .filter(|s| Arc::ptr_eq(&s.export, export))
+                    .cloned(),
+            );
+        }
+        Ok((session, fence))
+    }
+
+    /// Admits the new writer `session` once nothing of the ended sessions `fence` (of its
+    /// export) executes any more, within [`FENCE_WAIT`]; past it, refuses it, so that it is
+    /// never admitted unfenced. Their queued requests are cancelled as their turn comes.
+    async fn fence(
+        &self,
+        session: Arc<Session>,
+        fence: Vec<Arc<Session>>,
+    ) -> Result<Arc<Session>, Refused> {
+        if fence.is_empty() {
+            return Ok(session);
+        }
+        let started = Instant::now();
+        let drained = async {
+            for s in &fence {
+                s.drained().await;
+            }
+            true
+        };
+        let late = async {
+            smol::Timer::after(FENCE_WAIT).await;
+            false
+        };
+        if drained.or(late).await {
+            log::info!(
+                "export '{}': the new session waited {:?} for the requests of the one before",
+                session.export.name,
+                started.elapsed()
+            );
+            return Ok(session);
+        }
+        self.sessions.lock().unwrap().discard(&session.id);
+        session.end();
+        log::warn!(
+            "export '{}': a new session refused: the one before still has requests executing \
+             after {FENCE_WAIT:?} (a slow or stalled disk?)",
+            session.export.name
+        );
+        Err((
+            libc::EAGAIN,
+            format!(
+                "the previous session of export '{}' still has requests executing on the \
+                 server's disk; they must finish first, so that none runs after this session's \
+                 writes; try again",
+                session.export.name
+            ),
+        ))
     }
 
     /// Lets go of the sessions disconnected for longer than the linger time.
     pub(super) fn expire_sessions(&self) {
         let ended = self.sessions.lock().unwrap().expire(Instant::now());
-        log_ended(ended);
+        self.end_sessions(ended);
     }
-}
 
-/// Logs why sessions ended; their requests still executing finish, and their replies are
-/// dropped.
-fn log_ended(ended: Vec<Ended<Arc<Session>>>) {
-    for Ended { value: s, why } in ended {
-        let why = match why {
-            EndReason::Expired => "expired",
-            EndReason::Evicted => "evicted for a newer session",
-            EndReason::Replaced => "replaced by a new one of the same client",
-        };
-        log::info!(
-            "export '{}': session of client {} {why}",
-            s.export.name,
-            s.client
-        );
+    /// Closes the fences of sessions that left the table (see `session`) and logs why
+    /// they ended; read-write ones with requests still executing are kept until those
+    /// finish, for the export's next writer to wait for.
+    fn end_sessions(&self, ended: Vec<Ended<Arc<Session>>>) {
+        for Ended { value: s, why } in ended {
+            let left = s.end();
+            let why = match why {
+                EndReason::Expired => "expired",
+                EndReason::Evicted => "evicted for a newer session",
+                EndReason::Replaced => "replaced by a new one of the same client",
+            };
+            log::info!(
+                "export '{}': session of client {} {why}; {} queued requests cancelled, {} \
+                 executing",
+                s.export.name,
+                s.client,
+                left.queued,
+                left.executing
+            );
+            if s.access == Access::ReadWrite && left.executing > 0 {
+                self.draining.lock().unwrap().push(s);
+            }
+        }
     }
 }
 

@@ -163,6 +163,9 @@ struct Shared {
     refusals: Mutex<RefusalLog>,
     handshakers: Handshakers,
     sessions: Mutex<SessionTable<Arc<Session>>>,
+    /// Ended read-write sessions with requests still executing: the next writer of their
+    /// export waits for them (see `session`).
+    draining: Mutex<Vec<Arc<Session>>>,
     /// The I/O threads, taking requests in turns by client key.
     workers: Workers<PublicKey>,
     /// Payload buffers: write data on its way to the disk, read data on its way out.
@@ -238,6 +241,7 @@ impl Server {
                 total: cfg.max_sessions.max(1),
                 linger: cfg.session_linger,
             })),
+            draining: Mutex::new(Vec::new()),
             workers: Workers::new(io_threads(), cfg.max_transfer as u64 + fair::BASE_COST)
                 .map_err(|e| format!("cannot start I/O threads: {e}"))?,
             pool: Arc::new(Pool::new(POOL_BYTES)),

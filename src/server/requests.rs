@@ -106,8 +106,15 @@ impl Shared {
             let (flow, cost) = (session.client, fair::cost(&h));
             let (shared, session, export) = (self.clone(), session.clone(), session.export.clone());
             // Whoever executes also answers: no task to wake between the disk and the reply.
+            // A request of a session that ended while it waited is cancelled (see `session`).
+            session.queue();
             let job = move || {
                 let pool = shared.pool.clone();
+                let Some(running) = session.start() else {
+                    pool.put(data);
+                    shared.executed();
+                    return;
+                };
                 let done = move |(status, read)| {
                     let header = ReplyHeader {
                         txid: h.txid,
@@ -121,9 +128,8 @@ impl Shared {
                             _permit: permit,
                         },
                     );
-                    if shared.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
-                        shared.idle.notify(usize::MAX);
-                    }
+                    drop(running);
+                    shared.executed();
                 };
                 export.execute(&h, &data, &pool, done);
                 pool.put(data);
@@ -146,6 +152,13 @@ impl Shared {
                     None => return "closing".into(),
                 };
             }
+        }
+    }
+
+    /// A request left the I/O path, executed or cancelled.
+    fn executed(&self) {
+        if self.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify(usize::MAX);
         }
     }
 

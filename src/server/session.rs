@@ -1,7 +1,12 @@
-//! One client session on the export node: its reply cache, and where its replies go.
-//! A session outlives its connection (see `sessions`): while it has none, replies of its
-//! requests still executing are recorded in the cache and dropped; a client that resumes
-//! the session on a new connection gets the answers of its resends from the cache.
+//! One client session on the export node: its reply cache, where its replies go, and its
+//! fence. A session outlives its connection (see `sessions`): while it has none, replies
+//! of its requests still executing are recorded in the cache and dropped; a client that
+//! resumes the session on a new connection gets the answers of its resends from the cache.
+//!
+//! When a session ends (replaced by its restarted client, evicted, expired), its fence
+//! closes: a request of it still queued is cancelled when its turn comes and never reaches
+//! the disk, and the session's successor on the export waits until those executing have
+//! finished. So nothing of a session runs after its successor's first request.
 
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +24,54 @@ pub(super) struct Session {
     pub export: Arc<Export>,
     pub access: Access,
     state: Mutex<SessionState>,
+    fence: Mutex<Fence>,
+    /// Notified when the last executing request of an ended session finishes.
+    drained: event_listener::Event,
 }
+
+/// What of a session may still run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fence {
+    /// Requests queued for the I/O threads, not yet started.
+    pub queued: usize,
+    /// Requests started and not yet finished.
+    pub executing: usize,
+    /// Requests cancelled because the session had ended.
+    pub cancelled: usize,
+    pub ended: bool,
+}
+
+impl Fence {
+    fn queue(&mut self) {
+        self.queued += 1;
+    }
+
+    /// A queued request's turn came: whether it may run.
+    fn start(&mut self) -> bool {
+        self.queued -= 1;
+        if self.ended {
+            self.cancelled += 1;
+            return false;
+        }
+        self.executing += 1;
+        true
+    }
+
+    /// A started request finished; true if it was the last of an ended session.
+    fn finish(&mut self) -> bool {
+        self.executing -= 1;
+        self.ended && self.executing == 0
+    }
+
+    /// Closes the fence; returns what was left to cancel and to wait for.
+    fn end(&mut self) -> Fence {
+        self.ended = true;
+        *self
+    }
+}
+
+/// A request of a session between its start and its end; dropped when it finished.
+pub(super) struct Running(Arc<Session>);
 
 pub(super) struct SessionState {
     pub cache: ReplyCache,
@@ -41,6 +93,46 @@ impl Session {
             export,
             access,
             state: Mutex::new(SessionState { cache, sink: None }),
+            fence: Mutex::new(Fence::default()),
+            drained: event_listener::Event::new(),
+        }
+    }
+
+    /// A request is queued for the I/O threads; [`start`](Self::start) must follow.
+    pub fn queue(&self) {
+        self.fence.lock().unwrap().queue();
+    }
+
+    /// A queued request's turn came: the guard to hold while it executes, or `None` if
+    /// the session has ended and the request is cancelled.
+    pub fn start(self: &Arc<Self>) -> Option<Running> {
+        self.fence
+            .lock()
+            .unwrap()
+            .start()
+            .then(|| Running(self.clone()))
+    }
+
+    /// Ends the session: nothing of it starts from now on. Returns what was queued (to be
+    /// cancelled) and executing (to wait for) at this moment.
+    pub fn end(&self) -> Fence {
+        self.fence.lock().unwrap().end()
+    }
+
+    /// Whether the session has ended and nothing of it executes.
+    pub fn is_drained(&self) -> bool {
+        let f = *self.fence.lock().unwrap();
+        f.ended && f.executing == 0
+    }
+
+    /// Resolves once the session has ended and nothing of it executes.
+    pub async fn drained(&self) {
+        loop {
+            let drained = self.drained.listen();
+            if self.is_drained() {
+                return;
+            }
+            drained.await;
         }
     }
 
@@ -85,5 +177,41 @@ impl Session {
         if let Some(turn) = turn {
             turn.send();
         }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.fence.lock().unwrap().finish() {
+            self.0.drained.notify(usize::MAX);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_starts_once_the_fence_is_closed() {
+        let mut f = Fence::default();
+        for _ in 0..3 {
+            f.queue();
+        }
+        assert!(f.start(), "one starts before the end");
+        let left = f.end();
+        assert_eq!((left.queued, left.executing), (2, 1));
+        assert!(!f.start() && !f.start(), "the queued ones are cancelled");
+        assert_eq!(f.cancelled, 2);
+        assert!(f.finish(), "the last executing one drains the session");
+        assert_eq!(f.executing, 0);
+    }
+
+    #[test]
+    fn a_live_session_is_never_drained() {
+        let mut f = Fence::default();
+        f.queue();
+        assert!(f.start());
+        assert!(!f.finish());
     }
 }

@@ -171,6 +171,11 @@ impl<V: Clone> SessionTable<V> {
         Ok(gone)
     }
 
+    /// Removes session `id`, made but not to be used after all.
+    pub fn discard(&mut self, id: &SessionId) {
+        self.remove(id);
+    }
+
     /// Connection `conn` now carries session `id`.
     pub fn attach(&mut self, id: &SessionId, conn: u64) {
         if let Some(e) = self.entries.get_mut(id) {
