@@ -199,7 +199,7 @@ struct SmallFs(tempfile::TempDir);
 impl SmallFs {
     fn mount(size: &str) -> Option<SmallFs> {
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: mounting a tmpfs needs root");
+            common::skip("mounting a tmpfs needs root");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -208,6 +208,9 @@ impl SmallFs {
             .arg(dir.path())
             .status()
             .is_ok_and(|s| s.success());
+        if !ok {
+            common::skip("mount -t tmpfs failed");
+        }
         ok.then_some(SmallFs(dir))
     }
 }

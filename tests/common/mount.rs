@@ -22,7 +22,7 @@ use super::{pattern, ServerProcess, Setup};
 macro_rules! require {
     ($($tool:expr),* $(,)?) => {
         if let Some(why) = $crate::common::mount::missing(&[$($tool),*]) {
-            eprintln!("skipped: {why}");
+            $crate::common::skip(&why);
             return;
         }
     };
