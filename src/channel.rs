@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use zeroize::Zeroizing;
 
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
@@ -265,8 +266,16 @@ impl snow::resolvers::CryptoResolver for NonzeroDhResolver {
 }
 
 /// A DH that fails where the result is all zeros, that is, where the peer's key is a
-/// low-order point.
+/// low-order point. Dropped, it clears the private key it holds (snow's does not).
 struct NonzeroDh(Box<dyn snow::types::Dh>);
+
+impl Drop for NonzeroDh {
+    fn drop(&mut self) {
+        // Once per key of a handshake, never per record.
+        let zero = [0u8; 32];
+        self.0.set(&zero[..self.0.priv_len().min(32)]);
+    }
+}
 
 impl snow::types::Dh for NonzeroDh {
     fn name(&self) -> &'static str {
@@ -383,7 +392,7 @@ where
             None => ChannelError::Protocol(format!("unknown handshake refusal {}: {why}", msg[0])),
         });
     }
-    let (to_server, to_client) = hs.dangerously_get_raw_split();
+    let (to_server, to_client) = split(&mut hs);
     Ok(halves(reader, writer, cipher, &to_server, &to_client))
 }
 
@@ -541,10 +550,23 @@ impl FirstFlight {
         if let Err(why) = verdict {
             return Err(ChannelError::Refused(Refusal::ClientKey, why));
         }
-        let (to_server, to_client) = hs.dangerously_get_raw_split();
+        let (to_server, to_client) = split(&mut hs);
         let (tx, rx) = halves(reader, writer, cipher, &to_client, &to_server);
         Ok((tx, rx, client))
     }
+}
+
+/// The transport keys of a finished handshake (client to server, server to client), zeroed
+/// when dropped; [`RecordKey::new`] copies them into aws-lc, which clears its copy when the
+/// key is dropped. Nothing of this is per record.
+fn split(hs: &mut snow::HandshakeState) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let (mut to_server, mut to_client) = (Zeroizing::new([0; 32]), Zeroizing::new([0; 32]));
+    let mut raw = hs.dangerously_get_raw_split();
+    to_server.copy_from_slice(&raw.0);
+    to_client.copy_from_slice(&raw.1);
+    zeroize::Zeroize::zeroize(&mut raw.0);
+    zeroize::Zeroize::zeroize(&mut raw.1);
+    (to_server, to_client)
 }
 
 fn halves<R, W>(

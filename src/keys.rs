@@ -15,6 +15,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver, DefaultResolver};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// The Noise pattern the keys are made for; only its DH part (25519) matters here.
 const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
@@ -77,7 +78,7 @@ impl fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-/// A Curve25519 private key. Its `Debug` never shows the key.
+/// A Curve25519 private key, zeroed when dropped. Its `Debug` never shows the key.
 #[derive(Clone)]
 pub struct PrivateKey([u8; KEY_LEN]);
 
@@ -93,6 +94,8 @@ impl PrivateKey {
         dh.set(&self.0);
         let mut public = [0; KEY_LEN];
         public.copy_from_slice(dh.pubkey());
+        // Snow's DH keeps a copy of the private key and does not clear it when dropped.
+        dh.set(&[0; KEY_LEN]);
         PublicKey(public)
     }
 }
@@ -106,11 +109,12 @@ impl fmt::Debug for PrivateKey {
 impl Drop for PrivateKey {
     fn drop(&mut self) {
         // Best effort: moves may have left copies elsewhere, but the long-lived one goes.
-        // black_box keeps the compiler from dropping the store to memory that is about to die.
-        self.0.fill(0);
-        std::hint::black_box(&self.0);
+        // zeroize's volatile writes are not optimised away, though the memory is about to die.
+        self.0.zeroize();
     }
 }
+
+impl ZeroizeOnDrop for PrivateKey {}
 
 /// A Curve25519 public key; displayed and parsed as standard base64 (44 characters).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,8 +177,10 @@ impl FromStr for PublicKey {
     }
 }
 
+/// Decodes one key's base64; the decoded bytes on the heap are zeroed (a private key's too).
 fn decode_key(s: &str) -> Option<[u8; KEY_LEN]> {
-    BASE64.decode(s.trim()).ok()?.try_into().ok()
+    let bytes = Zeroizing::new(BASE64.decode(s.trim()).ok()?);
+    bytes.as_slice().try_into().ok()
 }
 
 /// Generates a fresh private key from the operating system's random source.
@@ -185,8 +191,10 @@ pub fn generate() -> PrivateKey {
     let pair = snow::Builder::new(params)
         .generate_keypair()
         .expect("snow's default resolver provides an RNG and Curve25519");
+    let private = Zeroizing::new(pair.private);
     PrivateKey(
-        pair.private
+        private
+            .as_slice()
             .try_into()
             .expect("Curve25519 private keys are 32 bytes"),
     )
@@ -267,8 +275,9 @@ pub fn write_keypair(path: &Path, force: bool) -> Result<PublicKey, KeyError> {
     let key = generate();
     // `mode` only applies to new files; an overwritten one keeps its old mode, so fix it before
     // the new key is written.
+    let text = Zeroizing::new(BASE64.encode(key.bytes()));
     file.set_permissions(fs::Permissions::from_mode(0o600))
-        .and_then(|()| writeln!(file, "{}", BASE64.encode(key.bytes())))
+        .and_then(|()| writeln!(file, "{}", text.as_str()))
         // A crash must not leave a truncated key behind a .pub that looks fine.
         .and_then(|()| file.sync_all())
         .map_err(|e| KeyError(format!("cannot write private key {shown}: {e}")))?;
@@ -301,7 +310,7 @@ pub fn load_private(path: &Path) -> Result<PrivateKey, KeyError> {
              fix it with: chmod 600 {shown}{hint}"
         )));
     }
-    let text = io::read_to_string(file).map_err(read_err)?;
+    let text = Zeroizing::new(io::read_to_string(file).map_err(read_err)?);
     decode_key(&text).map(PrivateKey).ok_or_else(|| {
         KeyError(format!(
             "{shown} is not a dst private key: expected one line of base64 \
@@ -613,6 +622,12 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn private_keys_are_zeroed_on_drop() {
+        fn zeroed_on_drop<T: ZeroizeOnDrop>() {}
+        zeroed_on_drop::<PrivateKey>();
     }
 
     #[test]
