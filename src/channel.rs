@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use zeroize::Zeroizing;
 
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
@@ -216,6 +217,110 @@ fn snow_err(e: snow::Error) -> ChannelError {
     ChannelError::Protocol(format!("noise: {e}"))
 }
 
+/// A snow builder whose Diffie-Hellman refuses an all-zero result.
+///
+/// Snow 0.10 does not: its 25519 DH (the default resolver's, curve25519-dalek's
+/// `MontgomeryPoint::mul_clamped`; the ring resolver has none) returns `Ok` with the all-zero
+/// result for a low-order peer key, and the handshake goes on mixing a constant that anyone
+/// knows. So a weak remote static or ephemeral key is refused here twice: by name, where the
+/// keys are read ([`PublicKey::is_weak`]), and by this DH, which makes any all-zero term
+/// (`ee`, `es`, `se`, `ss`) a handshake error. Otherwise it is exactly `snow::Builder::new`.
+fn noise_builder(cipher: Cipher) -> snow::Builder<'static> {
+    use snow::resolvers::{DefaultResolver, FallbackResolver, RingResolver};
+    let snow_default = FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver));
+    snow::Builder::with_resolver(
+        cipher.noise_params(),
+        Box::new(FallbackResolver::new(
+            Box::new(NonzeroDhResolver),
+            Box::new(snow_default),
+        )),
+    )
+}
+
+/// Resolves only the DH, to [`NonzeroDh`] around snow's own.
+struct NonzeroDhResolver;
+
+impl snow::resolvers::CryptoResolver for NonzeroDhResolver {
+    fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+        None
+    }
+
+    fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+        let inner = snow::resolvers::DefaultResolver.resolve_dh(choice)?;
+        Some(Box::new(NonzeroDh(inner)))
+    }
+
+    fn resolve_hash(
+        &self,
+        _choice: &snow::params::HashChoice,
+    ) -> Option<Box<dyn snow::types::Hash>> {
+        None
+    }
+
+    fn resolve_cipher(
+        &self,
+        _choice: &snow::params::CipherChoice,
+    ) -> Option<Box<dyn snow::types::Cipher>> {
+        None
+    }
+}
+
+/// A DH that fails where the result is all zeros, that is, where the peer's key is a
+/// low-order point. Dropped, it clears the private key it holds (snow's does not).
+struct NonzeroDh(Box<dyn snow::types::Dh>);
+
+impl Drop for NonzeroDh {
+    fn drop(&mut self) {
+        // Once per key of a handshake, never per record.
+        let zero = [0u8; 32];
+        self.0.set(&zero[..self.0.priv_len().min(32)]);
+    }
+}
+
+impl snow::types::Dh for NonzeroDh {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn pub_len(&self) -> usize {
+        self.0.pub_len()
+    }
+    fn priv_len(&self) -> usize {
+        self.0.priv_len()
+    }
+    fn dh_len(&self) -> usize {
+        self.0.dh_len()
+    }
+    fn set(&mut self, privkey: &[u8]) {
+        self.0.set(privkey)
+    }
+    fn generate(&mut self, rng: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
+        self.0.generate(rng)
+    }
+    fn pubkey(&self) -> &[u8] {
+        self.0.pubkey()
+    }
+    fn privkey(&self) -> &[u8] {
+        self.0.privkey()
+    }
+    fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+        self.0.dh(pubkey, out)?;
+        // The result is secret: look at every byte, whatever they are.
+        let len = self.0.dh_len().min(out.len());
+        if out[..len].iter().fold(0, |acc, b| acc | b) == 0 {
+            return Err(snow::Error::Dh);
+        }
+        Ok(())
+    }
+}
+
+/// The ephemeral key that starts a handshake message (in clear, in every Noise message of
+/// pattern IK), if it is a low-order one.
+fn weak_ephemeral(msg: &[u8]) -> bool {
+    msg.get(..32)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .is_some_and(|k| PublicKey(k).is_weak())
+}
+
 /// Runs the client side of the handshake. `server` is the pinned server key.
 pub async fn connect<R, W>(
     mut reader: R,
@@ -229,7 +334,14 @@ where
     W: AsyncWrite + Unpin,
 {
     let pre = preamble(cipher);
-    let mut hs = snow::Builder::new(cipher.noise_params())
+    // Parsing refuses weak keys already; this one may have come from elsewhere.
+    if server.is_weak() {
+        return Err(ChannelError::Protocol(format!(
+            "the pinned server key {server} is a low-order (weak) key, which authenticates \
+             nothing; pin the server's real key (its KEY.pub)"
+        )));
+    }
+    let mut hs = noise_builder(cipher)
         .local_private_key(local.bytes())
         .and_then(|b| b.remote_public_key(&server.0))
         .and_then(|b| b.prologue(&pre))
@@ -259,6 +371,13 @@ where
         })?;
         return Err(ChannelError::Refused(refusal, why));
     }
+    if weak_ephemeral(&answer) {
+        return Err(ChannelError::Protocol(
+            "the server's handshake answer carries a low-order (weak) ephemeral key; \
+             it is not a dst-server, or something between tampers with the connection"
+                .into(),
+        ));
+    }
     let n = hs.read_message(&answer, &mut msg).map_err(|_| {
         ChannelError::Protocol(
             "the server's handshake answer did not authenticate: it does not hold the pinned server key".into(),
@@ -273,7 +392,7 @@ where
             None => ChannelError::Protocol(format!("unknown handshake refusal {}: {why}", msg[0])),
         });
     }
-    let (to_server, to_client) = hs.dangerously_get_raw_split();
+    let (to_server, to_client) = split(&mut hs);
     Ok(halves(reader, writer, cipher, &to_server, &to_client))
 }
 
@@ -364,13 +483,41 @@ impl FirstFlight {
         W: AsyncWrite + Unpin,
     {
         let FirstFlight { pre, cipher, msg } = self;
-        let mut hs = snow::Builder::new(cipher.noise_params())
+        let mut hs = noise_builder(cipher)
             .local_private_key(local.bytes())
             .and_then(|b| b.prologue(&pre))
             .and_then(|b| b.build_responder())
             .map_err(snow_err)?;
+        // No honest client sends a low-order ephemeral key; its `es` term would be zero.
+        if weak_ephemeral(&msg) {
+            return Err(ChannelError::Protocol(
+                "the client's first message carries a low-order (weak) ephemeral key".into(),
+            ));
+        }
+        // A weak client key, whether or not it is in the authorized keys, ends the handshake
+        // here, before `authorize` sees it. With it `ss` is zero, so `read_message` fails
+        // (NonzeroDh), but only after it read the key; the key is checked whatever
+        // `read_message` returned.
+        let weak_client = |hs: &snow::HandshakeState| {
+            hs.get_remote_static()
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                .map(PublicKey)
+                .filter(PublicKey::is_weak)
+        };
         let mut payload = vec![0u8; NOISE_MAX];
-        if hs.read_message(&msg, &mut payload).is_err() {
+        let read = hs.read_message(&msg, &mut payload);
+        if let Some(key) = weak_client(&hs) {
+            return Err(refuse(
+                &mut writer,
+                Refusal::ClientKey,
+                format!(
+                    "client key {key} is a low-order (weak) key, which authenticates nothing; \
+                     no dst-server admits it (make a key with dst-keygen)"
+                ),
+            )
+            .await);
+        }
+        if read.is_err() {
             return Err(refuse(
                 &mut writer,
                 Refusal::ServerKey,
@@ -403,10 +550,23 @@ impl FirstFlight {
         if let Err(why) = verdict {
             return Err(ChannelError::Refused(Refusal::ClientKey, why));
         }
-        let (to_server, to_client) = hs.dangerously_get_raw_split();
+        let (to_server, to_client) = split(&mut hs);
         let (tx, rx) = halves(reader, writer, cipher, &to_client, &to_server);
         Ok((tx, rx, client))
     }
+}
+
+/// The transport keys of a finished handshake (client to server, server to client), zeroed
+/// when dropped; [`RecordKey::new`] copies them into aws-lc, which clears its copy when the
+/// key is dropped. Nothing of this is per record.
+fn split(hs: &mut snow::HandshakeState) -> (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>) {
+    let (mut to_server, mut to_client) = (Zeroizing::new([0; 32]), Zeroizing::new([0; 32]));
+    let mut raw = hs.dangerously_get_raw_split();
+    to_server.copy_from_slice(&raw.0);
+    to_client.copy_from_slice(&raw.1);
+    zeroize::Zeroize::zeroize(&mut raw.0);
+    zeroize::Zeroize::zeroize(&mut raw.1);
+    (to_server, to_client)
 }
 
 fn halves<R, W>(
@@ -1127,6 +1287,255 @@ mod tests {
             receive_owned(&mut rx, &expect, &Pool::new(1 << 20));
             sender.join().unwrap();
         }
+    }
+
+    /// Snow's 25519 DH, but posing where told: a static key set with `set` (if
+    /// `weak_static`) or an ephemeral one from `generate` (if `weak_ephemeral`) has the
+    /// all-zero point as its public half, and its DH results are the zeros that an honest
+    /// peer computes with that point. What an attacker without any private key does.
+    struct PoseDh {
+        inner: Box<dyn snow::types::Dh>,
+        weak_static: bool,
+        weak_ephemeral: bool,
+        weak: bool,
+    }
+
+    impl snow::types::Dh for PoseDh {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn pub_len(&self) -> usize {
+            32
+        }
+        fn priv_len(&self) -> usize {
+            32
+        }
+        fn set(&mut self, privkey: &[u8]) {
+            self.inner.set(privkey);
+            self.weak = self.weak_static;
+        }
+        fn generate(&mut self, rng: &mut dyn snow::types::Random) -> Result<(), snow::Error> {
+            self.weak = self.weak_ephemeral;
+            self.inner.generate(rng)
+        }
+        fn pubkey(&self) -> &[u8] {
+            if self.weak {
+                &[0; 32]
+            } else {
+                self.inner.pubkey()
+            }
+        }
+        fn privkey(&self) -> &[u8] {
+            self.inner.privkey()
+        }
+        fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
+            if self.weak {
+                out[..32].fill(0);
+                return Ok(());
+            }
+            self.inner.dh(pubkey, out)
+        }
+    }
+
+    struct PoseResolver {
+        weak_static: bool,
+        weak_ephemeral: bool,
+    }
+
+    impl snow::resolvers::CryptoResolver for PoseResolver {
+        fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
+            None
+        }
+        fn resolve_dh(&self, choice: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
+            Some(Box::new(PoseDh {
+                inner: snow::resolvers::DefaultResolver.resolve_dh(choice)?,
+                weak_static: self.weak_static,
+                weak_ephemeral: self.weak_ephemeral,
+                weak: false,
+            }))
+        }
+        fn resolve_hash(
+            &self,
+            _choice: &snow::params::HashChoice,
+        ) -> Option<Box<dyn snow::types::Hash>> {
+            None
+        }
+        fn resolve_cipher(
+            &self,
+            _choice: &snow::params::CipherChoice,
+        ) -> Option<Box<dyn snow::types::Cipher>> {
+            None
+        }
+    }
+
+    /// A snow builder for a peer that poses with weak keys, as [`PoseDh`] says.
+    fn pose_builder(weak_static: bool, weak_ephemeral: bool) -> snow::Builder<'static> {
+        use snow::resolvers::{DefaultResolver, FallbackResolver, RingResolver};
+        let rest = FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver));
+        let pose = PoseResolver {
+            weak_static,
+            weak_ephemeral,
+        };
+        snow::Builder::with_resolver(
+            Cipher::ChaChaPoly.noise_params(),
+            Box::new(FallbackResolver::new(Box::new(pose), Box::new(rest))),
+        )
+    }
+
+    /// A client's first Noise message to `server`, forged with weak keys.
+    fn forged_first_message(
+        server: &PublicKey,
+        weak_static: bool,
+        weak_ephemeral: bool,
+    ) -> Vec<u8> {
+        let pre = preamble(Cipher::ChaChaPoly);
+        let mut hs = pose_builder(weak_static, weak_ephemeral)
+            .local_private_key(crate::keys::generate().bytes())
+            .and_then(|b| b.remote_public_key(&server.0))
+            .and_then(|b| b.prologue(&pre))
+            .and_then(|b| b.build_initiator())
+            .unwrap();
+        let mut msg = vec![0u8; NOISE_MAX];
+        let n = hs.write_message(&[], &mut msg).unwrap();
+        msg.truncate(n);
+        msg
+    }
+
+    /// Runs the server's handshake, admitting every key, against a forged first message;
+    /// returns the result, whether `authorize` was asked, and the bytes the server sent.
+    fn forge_against_server(
+        weak_static: bool,
+        weak_ephemeral: bool,
+    ) -> (Result<PublicKey, ChannelError>, bool, Vec<u8>) {
+        let server_key = crate::keys::generate();
+        let msg = forged_first_message(&server_key.public(), weak_static, weak_ephemeral);
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let asked = std::cell::Cell::new(false);
+        smol::block_on(async {
+            let forger = async {
+                a.write_all(&u16_message(&preamble(Cipher::ChaChaPoly), &msg))
+                    .await
+                    .unwrap();
+                let mut answer = Vec::new();
+                let _ = a.read_to_end(&mut answer).await;
+                answer
+            };
+            let server = async {
+                let result = accept(b.clone(), b, &server_key, &Cipher::ALL, |_| {
+                    asked.set(true);
+                    Ok(())
+                })
+                .await;
+                result.map(|(_, _, key)| key)
+            };
+            let (answer, result) = smol::future::zip(forger, server).await;
+            (result, asked.get(), answer)
+        })
+    }
+
+    #[test]
+    fn snow_alone_admits_a_weak_client_key() {
+        // Why the checks exist: snow 0.10 reads the forged message without complaint.
+        let server_key = crate::keys::generate();
+        let msg = forged_first_message(&server_key.public(), true, false);
+        let pre = preamble(Cipher::ChaChaPoly);
+        let mut hs = snow::Builder::new(Cipher::ChaChaPoly.noise_params())
+            .local_private_key(server_key.bytes())
+            .and_then(|b| b.prologue(&pre))
+            .and_then(|b| b.build_responder())
+            .unwrap();
+        let mut payload = vec![0u8; NOISE_MAX];
+        hs.read_message(&msg, &mut payload).unwrap();
+        assert_eq!(hs.get_remote_static(), Some(&[0u8; 32][..]));
+    }
+
+    #[test]
+    fn a_weak_client_key_is_refused_before_authorize_is_asked() {
+        let (result, asked, answer) = forge_against_server(true, false);
+        assert!(!asked, "authorize must not see a weak key");
+        match result {
+            Err(ChannelError::Refused(Refusal::ClientKey, why)) => {
+                assert!(why.contains("is a low-order (weak) key"), "{why}");
+            }
+            Err(e) => panic!("expected a client-key refusal, got {e}"),
+            Ok(key) => panic!("admitted weak key {key}"),
+        }
+        // The forger hears why, in clear.
+        assert_eq!(answer[0], Refusal::ClientKey as u8);
+        let why = String::from_utf8_lossy(&answer[3..]);
+        assert!(why.contains("low-order (weak) key"), "{why}");
+    }
+
+    #[test]
+    fn a_weak_client_ephemeral_ends_the_handshake() {
+        for weak_static in [false, true] {
+            let (result, asked, _) = forge_against_server(weak_static, true);
+            assert!(!asked);
+            match result {
+                Err(ChannelError::Protocol(why)) => {
+                    assert!(why.contains("low-order (weak) ephemeral"), "{why}")
+                }
+                Err(e) => panic!("expected a protocol error, got {e}"),
+                Ok(key) => panic!("admitted {key}"),
+            }
+        }
+        // The forger is honest otherwise: with its own keys it is admitted.
+        let (result, asked, _) = forge_against_server(false, false);
+        assert!(asked && result.is_ok());
+    }
+
+    #[test]
+    fn a_weak_server_ephemeral_ends_the_handshake() {
+        let (server_key, client_key) = (crate::keys::generate(), crate::keys::generate());
+        let server_pub = server_key.public();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        smol::block_on(async {
+            let client = connect(a.clone(), a, &client_key, &server_pub, Cipher::ChaChaPoly);
+            // A server that holds the real key but answers with a weak ephemeral one.
+            let server = async {
+                let mut pre = [0u8; 8];
+                b.read_exact(&mut pre).await.unwrap();
+                let mut msg = Vec::new();
+                read_u16_message(&mut b, &mut msg).await.unwrap();
+                let mut hs = pose_builder(false, true)
+                    .local_private_key(server_key.bytes())
+                    .and_then(|b| b.prologue(&pre))
+                    .and_then(|b| b.build_responder())
+                    .unwrap();
+                let mut payload = vec![0u8; NOISE_MAX];
+                hs.read_message(&msg, &mut payload).unwrap();
+                let mut answer = vec![0u8; NOISE_MAX];
+                let n = hs.write_message(&[], &mut answer).unwrap();
+                b.write_all(&u16_message(&[0], &answer[..n])).await.unwrap();
+            };
+            let (result, ()) = smol::future::zip(client, server).await;
+            match result {
+                Err(ChannelError::Protocol(why)) => {
+                    assert!(why.contains("low-order (weak) ephemeral"), "{why}")
+                }
+                Err(e) => panic!("expected a protocol error, got {e}"),
+                Ok(_) => panic!("the client accepted a weak ephemeral key"),
+            }
+        });
+    }
+
+    #[test]
+    fn an_all_zero_diffie_hellman_result_is_an_error() {
+        use snow::resolvers::CryptoResolver;
+        let mut dh = NonzeroDhResolver
+            .resolve_dh(&snow::params::DHChoice::Curve25519)
+            .unwrap();
+        dh.set(crate::keys::generate().bytes());
+        let mut out = [0u8; 32];
+        let mut p_plus_1 = [0xffu8; 32];
+        (p_plus_1[0], p_plus_1[31]) = (0xee, 0xff);
+        for weak in [[0u8; 32], p_plus_1] {
+            assert!(PublicKey(weak).is_weak());
+            assert!(matches!(dh.dh(&weak, &mut out), Err(snow::Error::Dh)));
+        }
+        dh.dh(&crate::keys::generate().public().0, &mut out)
+            .unwrap();
+        assert_ne!(out, [0u8; 32]);
     }
 
     #[test]

@@ -15,11 +15,56 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use snow::params::DHChoice;
 use snow::resolvers::{CryptoResolver, DefaultResolver};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// The Noise pattern the keys are made for; only its DH part (25519) matters here.
 const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 
 const KEY_LEN: usize = 32;
+
+/// The low-order points of Curve25519 and its twist, and the non-canonical encodings of 0 and
+/// 1, with the top bit clear: the list of libsodium's `has_small_order`
+/// (crypto_scalarmult/curve25519). X25519 with any of these gives the all-zero result whatever
+/// the private key, so a Diffie-Hellman term with one authenticates nothing.
+const LOW_ORDER: [[u8; KEY_LEN]; 7] = [
+    // 0 (order 4)
+    [0; KEY_LEN],
+    // 1 (order 1)
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    // 325606250916557431795983626356110631294008115727848805560023387167927233504 (order 8)
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    // 39382357235489614581723060781553021112529911719440698176882885853963445705823 (order 8)
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    // p - 1 (order 2)
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    // p, that is 0 (order 4)
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    // p + 1, that is 1 (order 1)
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+];
 
 /// Why a key could not be generated, written, read or parsed; the message is meant for the user.
 #[derive(Debug)]
@@ -33,7 +78,7 @@ impl fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-/// A Curve25519 private key. Its `Debug` never shows the key.
+/// A Curve25519 private key, zeroed when dropped. Its `Debug` never shows the key.
 #[derive(Clone)]
 pub struct PrivateKey([u8; KEY_LEN]);
 
@@ -49,6 +94,8 @@ impl PrivateKey {
         dh.set(&self.0);
         let mut public = [0; KEY_LEN];
         public.copy_from_slice(dh.pubkey());
+        // Snow's DH keeps a copy of the private key and does not clear it when dropped.
+        dh.set(&[0; KEY_LEN]);
         PublicKey(public)
     }
 }
@@ -62,11 +109,12 @@ impl fmt::Debug for PrivateKey {
 impl Drop for PrivateKey {
     fn drop(&mut self) {
         // Best effort: moves may have left copies elsewhere, but the long-lived one goes.
-        // black_box keeps the compiler from dropping the store to memory that is about to die.
-        self.0.fill(0);
-        std::hint::black_box(&self.0);
+        // zeroize's volatile writes are not optimised away, though the memory is about to die.
+        self.0.zeroize();
     }
 }
+
+impl ZeroizeOnDrop for PrivateKey {}
 
 /// A Curve25519 public key; displayed and parsed as standard base64 (44 characters).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,10 +132,21 @@ impl fmt::Debug for PublicKey {
     }
 }
 
-impl FromStr for PublicKey {
-    type Err = KeyError;
+impl PublicKey {
+    /// Whether this is a low-order (weak) point: a key for which the Diffie-Hellman result
+    /// is a known constant (all zeros), so that a handshake with it proves nothing and anyone
+    /// could pass for its owner without any private key. [`generate`] never makes one.
+    /// X25519 ignores the top bit of the last byte, so the comparison does too; public keys
+    /// are not secret, so it need not take constant time.
+    pub fn is_weak(&self) -> bool {
+        let mut key = self.0;
+        key[KEY_LEN - 1] &= 0x7f;
+        LOW_ORDER.contains(&key)
+    }
 
-    fn from_str(s: &str) -> Result<Self, KeyError> {
+    /// Parses base64 into a key without refusing weak ones: for callers that refuse them
+    /// with a message of their own. Everyone else parses with [`str::parse`].
+    pub fn parse_allowing_weak(s: &str) -> Result<PublicKey, KeyError> {
         decode_key(s).map(PublicKey).ok_or_else(|| {
             KeyError(
                 "not a dst public key: expected 44 characters of base64 (as printed by dst-keygen)"
@@ -97,8 +156,31 @@ impl FromStr for PublicKey {
     }
 }
 
+/// Why the weak key `shown` is refused.
+fn weak_key(shown: &str) -> KeyError {
+    KeyError(format!(
+        "{shown} is a low-order (weak) key: it authenticates nothing, and anyone could pass \
+         for its owner without a private key (keys made by dst-keygen never are)"
+    ))
+}
+
+/// Parses a public key, refusing weak ones ([`PublicKey::is_weak`]).
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        let key = PublicKey::parse_allowing_weak(s)?;
+        if key.is_weak() {
+            return Err(weak_key(s.trim()));
+        }
+        Ok(key)
+    }
+}
+
+/// Decodes one key's base64; the decoded bytes on the heap are zeroed (a private key's too).
 fn decode_key(s: &str) -> Option<[u8; KEY_LEN]> {
-    BASE64.decode(s.trim()).ok()?.try_into().ok()
+    let bytes = Zeroizing::new(BASE64.decode(s.trim()).ok()?);
+    bytes.as_slice().try_into().ok()
 }
 
 /// Generates a fresh private key from the operating system's random source.
@@ -109,8 +191,10 @@ pub fn generate() -> PrivateKey {
     let pair = snow::Builder::new(params)
         .generate_keypair()
         .expect("snow's default resolver provides an RNG and Curve25519");
+    let private = Zeroizing::new(pair.private);
     PrivateKey(
-        pair.private
+        private
+            .as_slice()
             .try_into()
             .expect("Curve25519 private keys are 32 bytes"),
     )
@@ -191,8 +275,9 @@ pub fn write_keypair(path: &Path, force: bool) -> Result<PublicKey, KeyError> {
     let key = generate();
     // `mode` only applies to new files; an overwritten one keeps its old mode, so fix it before
     // the new key is written.
+    let text = Zeroizing::new(BASE64.encode(key.bytes()));
     file.set_permissions(fs::Permissions::from_mode(0o600))
-        .and_then(|()| writeln!(file, "{}", BASE64.encode(key.bytes())))
+        .and_then(|()| writeln!(file, "{}", text.as_str()))
         // A crash must not leave a truncated key behind a .pub that looks fine.
         .and_then(|()| file.sync_all())
         .map_err(|e| KeyError(format!("cannot write private key {shown}: {e}")))?;
@@ -225,7 +310,7 @@ pub fn load_private(path: &Path) -> Result<PrivateKey, KeyError> {
              fix it with: chmod 600 {shown}{hint}"
         )));
     }
-    let text = io::read_to_string(file).map_err(read_err)?;
+    let text = Zeroizing::new(io::read_to_string(file).map_err(read_err)?);
     decode_key(&text).map(PrivateKey).ok_or_else(|| {
         KeyError(format!(
             "{shown} is not a dst private key: expected one line of base64 \
@@ -235,9 +320,10 @@ pub fn load_private(path: &Path) -> Result<PrivateKey, KeyError> {
 }
 
 /// Takes a public key given either literally (base64) or as a key file such as `server.key.pub`.
+/// A weak key is refused ([`PublicKey::is_weak`]).
 pub fn load_public(arg: &str) -> Result<PublicKey, KeyError> {
-    if let Ok(key) = arg.parse() {
-        return Ok(key);
+    if PublicKey::parse_allowing_weak(arg).is_ok() {
+        return arg.parse();
     }
     let text = fs::read_to_string(arg).map_err(|e| {
         KeyError(format!(
@@ -250,12 +336,17 @@ pub fn load_public(arg: &str) -> Result<PublicKey, KeyError> {
         .map(str::trim)
         .find(|line| !line.is_empty() && !line.starts_with('#'))
         .and_then(|line| line.split_whitespace().next());
-    let key: PublicKey = token.and_then(|t| t.parse().ok()).ok_or_else(|| {
-        KeyError(format!(
-            "{arg} is not a dst public key file: expected a line with 44 characters of base64 \
-             (as written by dst-keygen to FILE.pub)"
-        ))
-    })?;
+    let key = token
+        .and_then(|t| PublicKey::parse_allowing_weak(t).ok())
+        .ok_or_else(|| {
+            KeyError(format!(
+                "{arg} is not a dst public key file: expected a line with 44 characters of base64 \
+                 (as written by dst-keygen to FILE.pub)"
+            ))
+        })?;
+    if key.is_weak() {
+        return Err(weak_key(&format!("the key in {arg}, {key},")));
+    }
     // A private key file has the same format, so passing server.key for server.key.pub would
     // "work" until the handshake fails far away; catch it here, where the fix is obvious.
     let sibling = public_key_path(Path::new(arg));
@@ -461,6 +552,82 @@ mod tests {
 
         let err = msg(load_private(&dir.path().join("missing")));
         assert!(err.contains("cannot read private key"), "{err}");
+    }
+
+    /// The blocklist, and each entry with the top bit of its last byte set.
+    fn low_order_keys() -> Vec<PublicKey> {
+        LOW_ORDER
+            .iter()
+            .flat_map(|point| {
+                let mut high = *point;
+                high[KEY_LEN - 1] |= 0x80;
+                [PublicKey(*point), PublicKey(high)]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn low_order_points_are_weak_and_generated_keys_never() {
+        let weak = low_order_keys();
+        assert_eq!(weak.len(), 14);
+        assert!(weak.iter().all(PublicKey::is_weak));
+        assert!(PublicKey([0; KEY_LEN]).is_weak());
+        // Neighbours of the listed points are not.
+        for point in &weak {
+            let mut near = point.0;
+            near[1] ^= 1;
+            assert!(!PublicKey(near).is_weak(), "{}", PublicKey(near));
+        }
+        for _ in 0..1000 {
+            let key = generate().public();
+            assert!(!key.is_weak(), "{key}");
+        }
+    }
+
+    #[test]
+    fn low_order_points_give_the_all_zero_diffie_hellman_result() {
+        // What makes them weak, and what snow 0.10 computes without complaint.
+        for point in low_order_keys() {
+            for _ in 0..4 {
+                let mut dh = DefaultResolver.resolve_dh(&DHChoice::Curve25519).unwrap();
+                dh.set(generate().bytes());
+                let mut out = [0xaa; KEY_LEN];
+                dh.dh(&point.0, &mut out).unwrap();
+                assert_eq!(out, [0; KEY_LEN], "{point}");
+            }
+        }
+    }
+
+    #[test]
+    fn weak_keys_are_refused_as_text_literal_or_in_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, key) in low_order_keys().into_iter().enumerate() {
+            let text = key.to_string();
+            let err = msg(text.parse::<PublicKey>());
+            assert!(err.contains("is a low-order (weak) key"), "{err}");
+            assert!(err.starts_with(&text), "{err}");
+            assert!(PublicKey::parse_allowing_weak(&text).unwrap().is_weak());
+
+            // --server-key and server_key= take the key itself or a file with it.
+            let err = msg(load_public(&format!(" {text}\n")));
+            assert!(err.contains("is a low-order (weak) key"), "{err}");
+            let path = dir.path().join(format!("weak{i}.pub"));
+            fs::write(&path, format!("# a weak key\n{text} node\n")).unwrap();
+            let err = msg(load_public(path.to_str().unwrap()));
+            assert!(
+                err.contains(&format!(
+                    "the key in {}, {text}, is a low-order (weak) key",
+                    path.display()
+                )),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn private_keys_are_zeroed_on_drop() {
+        fn zeroed_on_drop<T: ZeroizeOnDrop>() {}
+        zeroed_on_drop::<PrivateKey>();
     }
 
     #[test]

@@ -567,6 +567,29 @@ mod tests {
     }
 
     #[test]
+    fn a_weak_server_key_is_refused_as_option_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.key");
+        crate::keys::write_keypair(&key, false).unwrap();
+        let zero = PublicKey([0; 32]).to_string();
+        let weak_file = dir.path().join("weak.pub");
+        std::fs::write(&weak_file, format!("{zero}\n")).unwrap();
+        for server_key in [zero.clone(), weak_file.display().to_string()] {
+            let mut inv = Invocation {
+                positional: vec!["node1/disk".into(), "/mnt/r".into()],
+                ..Invocation::default()
+            };
+            inv.option_strings = vec![format!("key={},server_key={server_key}", key.display())];
+            let req = resolve(inv, || unreachable!()).unwrap();
+            let err = load_keys(&req).unwrap_err();
+            assert!(
+                err.starts_with("server key: ") && err.contains("is a low-order (weak) key"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn profiles() {
         assert_eq!(profile(&config(&[])), DEFAULT_PROFILE);
         assert_eq!(DEFAULT_PROFILE.give_up_after(), Duration::from_secs(65));

@@ -272,6 +272,80 @@ fn wrong_keys_and_ciphers_are_refused_with_their_own_message() {
     block_on(c.ping()).unwrap();
 }
 
+/// An authorized_keys line with the all-zero key, which would let anyone in without a key.
+fn zero_key_line() -> String {
+    format!(
+        "{} exports=disk # pasted by mistake\n",
+        dst::keys::PublicKey([0; 32])
+    )
+}
+
+#[test]
+fn a_weak_key_in_authorized_keys_stops_the_server_naming_the_line() {
+    let s = Setup::new();
+    s.authorize(&format!(
+        "# clients\n{}\n{}",
+        s.client_key.public(),
+        zero_key_line()
+    ));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
+        .arg("--key")
+        .arg(s.path("server.key"))
+        .arg("--authorized-keys")
+        .arg(s.path("authorized_keys"))
+        .args(["--listen", "127.0.0.1:0", "--export", "disk=disk.img"])
+        .args(["--create-size", "1M"])
+        .current_dir(s.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("dst-server started with a weak key in authorized_keys");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{status}: {stderr}");
+    assert!(
+        stderr.contains("authorized_keys: line 3: ")
+            && stderr.contains("is a low-order (weak) key that would let anyone in; remove it"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+}
+
+#[test]
+fn a_sighup_reload_with_a_weak_key_keeps_the_old_list() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let cfg = s.client(&server, "disk", Access::ReadOnly);
+    // The new list would drop our key and add the all-zero one.
+    s.authorize(&zero_key_line());
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    server.wait_for_log("SIGHUP: keeping the old authorized keys");
+    assert!(
+        server.log().contains("line 1: ") && server.log().contains("low-order (weak) key"),
+        "{}",
+        server.log()
+    );
+    block_on(connect(&cfg).ping()).unwrap();
+}
+
 #[test]
 fn aesgcm_works_when_both_sides_allow_it() {
     let s = Setup::new();

@@ -109,9 +109,15 @@ fn parse_line(line: &str) -> Result<Option<AuthorizedKey>, String> {
     let Some(key_text) = tokens.next() else {
         return Ok(None);
     };
-    let key = key_text
-        .parse()
-        .map_err(|e| format!("{e}, found {key_text:?}"))?;
+    let key =
+        PublicKey::parse_allowing_weak(key_text).map_err(|e| format!("{e}, found {key_text:?}"))?;
+    // With a low-order key the handshake's Diffie-Hellman results are known constants:
+    // whoever connects with it is admitted without any private key.
+    if key.is_weak() {
+        return Err(format!(
+            "{key_text} is a low-order (weak) key that would let anyone in; remove it"
+        ));
+    }
 
     let mut entry = AuthorizedKey {
         key,
@@ -233,6 +239,29 @@ mod tests {
         let e = err(&format!("{}\nnot-a-key exports=disk\n", key(1)));
         assert!(e.starts_with("line 2: not a dst public key"), "{e}");
         assert!(e.contains("\"not-a-key\""), "{e}");
+    }
+
+    #[test]
+    fn weak_keys_are_errors_naming_the_line() {
+        let zero = PublicKey([0; 32]);
+        let e = err(&format!(
+            "{}\n# the next one is weak\n{zero} ro # oops\n",
+            key(1)
+        ));
+        assert!(
+            e.starts_with(&format!("line 3: {zero} is a low-order (weak) key")),
+            "{e}"
+        );
+        assert!(e.contains("would let anyone in; remove it"), "{e}");
+
+        // Another low-order point, with the top bit that X25519 ignores set.
+        let mut p_minus_1 = [0xff; 32];
+        p_minus_1[0] = 0xec;
+        let e = err(&format!("{}\n", PublicKey(p_minus_1)));
+        assert!(
+            e.starts_with("line 1: ") && e.contains("low-order (weak) key"),
+            "{e}"
+        );
     }
 
     #[test]
