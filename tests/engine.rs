@@ -152,11 +152,11 @@ fn stalls_shorter_than_the_resend_budget_never_error_longer_ones_fail_with_eio()
     cfg.ping_interval = Duration::from_secs(30);
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     let pause = |d: Duration| {
-        // SAFETY: signals to the PID of our own child.
-        unsafe { libc::kill(server.pid(), libc::SIGSTOP) };
+        common::stop_process(server.pid());
         let resume = server.pid();
         std::thread::spawn(move || {
             std::thread::sleep(d);
+            // SAFETY: a signal to the PID of our own child.
             unsafe { libc::kill(resume, libc::SIGCONT) };
         })
     };

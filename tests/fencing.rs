@@ -53,7 +53,7 @@ fn an_expired_writer_s_queued_zeroes_never_land_on_the_next_writer_s_data() {
     // threads, and behind them WRITE_ZEROES of the whole export, all sent at once.
     let parts = connect(&s.client(&server, "disk", Access::ReadWrite)).into_parts();
     let (mut tx, rx) = (parts.sender, parts.receiver);
-    common::mount::kill(lower_server.pid(), libc::SIGSTOP);
+    common::stop_process(lower_server.pid());
     let mut buf = Vec::new();
     for (txid, offset) in [(1, 1 << 20), (2, 2 << 20)] {
         let h = request(Op::Write, FLAG_FUA, txid, offset, 4096);
