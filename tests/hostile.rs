@@ -607,8 +607,23 @@ fn sessions_are_capped_per_key_and_lingering_ones_expire_on_their_own() {
     // A client that never resumes makes a new session each time: beyond two, its oldest
     // disconnected one goes.
     let cfg = s.client(&server, "disk", Access::ReadOnly);
-    for _ in 0..4 {
+    // Each connection's session is disconnected before the next one asks.
+    let closed = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let count = || {
+            let log = server.log();
+            log.lines()
+                .filter(|l| l.contains(": connection ") && l.contains(" closed: "))
+                .count()
+        };
+        while count() < n {
+            assert!(Instant::now() < deadline, "{}", server.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for i in 0..4 {
         block_on(connect(&cfg).ping()).unwrap();
+        closed(i + 1);
     }
     server.wait_for_log("evicted for a newer session");
     // Two connected sessions of the key: a third is refused, naming the option.
@@ -618,6 +633,7 @@ fn sessions_are_capped_per_key_and_lingering_ones_expire_on_their_own() {
     assert_eq!(err.errno(), libc::EUSERS, "{err}");
     assert!(err.to_string().contains("--max-sessions-per-key"), "{err}");
     drop((_a, _b));
+    closed(6);
     // A writer that goes away lets go of the export after the linger time, by itself.
     let writer = connect(&s.client(&server, "disk", Access::ReadWrite));
     drop(writer);

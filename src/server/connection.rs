@@ -185,12 +185,13 @@ impl Shared {
         drop(closing_tx);
         let _ = stream.shutdown(Shutdown::Read);
         while ended.recv().await.is_ok() {}
-        log::info!("{peer}: connection {conn} closed: {why}");
         session.detach(conn);
         self.sessions
             .lock()
             .unwrap()
             .detach(&session.id, conn, Instant::now());
+        // Logged once the session is free to be resumed, taken over or evicted.
+        log::info!("{peer}: connection {conn} closed: {why}");
         replies.close().await;
     }
 
