@@ -382,7 +382,10 @@ fn every_proxy_fault_in_turn_loses_no_acked_write() {
         Fault::DropToClient(3),
         Fault::DuplicateToServer(2),
     ]);
-    assert!(stats.reconnects >= 4, "{stats}");
+    // The two cuts and the duplicated record each end the connection; the stall, the delay
+    // and the dropped replies are ridden out by resends, on the same connection or, as
+    // timing has it, on a new one.
+    assert!(stats.reconnects >= 3, "{stats}");
 }
 
 #[test]
