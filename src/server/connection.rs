@@ -179,12 +179,13 @@ impl Shared {
             }
             Err(e) => format!("cannot start a reader for the connection: {e}"),
         };
-        // The readers stop at once, blocked on the socket or on the window, and are waited
-        // for, so nothing more of this connection executes once it is detached. Replies
-        // already queued still go out.
+        // The readers stop at once, blocked on the socket or on the window; one running a
+        // request itself is not waited for, or a hung disk would keep the session attached
+        // to a client that is gone. What it runs is in the session's fence and reply cache,
+        // like any request executing: a successor waits for it, and a resend joins it.
+        // Replies already queued still go out.
         drop(closing_tx);
         let _ = stream.shutdown(Shutdown::Read);
-        while ended.recv().await.is_ok() {}
         session.detach(conn);
         self.sessions
             .lock()
