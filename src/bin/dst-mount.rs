@@ -155,9 +155,7 @@ fn main() -> ExitCode {
     // Before the key is read: no core dumps of key material.
     let protected = dst::process::protect_process();
     // fuser warns about harmless things, such as unmounting what umount(8) already unmounted.
-    let default_filter = "info,fuser=error";
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .init();
+    dst::logging::init("info,fuser=error");
     if let Err(e) = protected {
         log::warn!("cannot disable core dumps (key material could end up in one): {e}");
     }
