@@ -20,7 +20,7 @@
 //! Transport: records `len:u16 ciphertext` of at most 65535 bytes (the Noise limit). The
 //! plaintext of consecutive records is one byte stream of [`protocol`](crate::protocol)
 //! frames, so a large frame spans records and several small frames share one.
-//! Each direction has its own key and nonce counter ([`crate::transport`]), so
+//! Each direction has its own key and nonce counter ([`crate::cipher`]), so
 //! the two halves of a connection run independently.
 
 use std::fmt;
@@ -31,86 +31,16 @@ use std::task::{Context, Poll, Waker};
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
+use crate::cipher::{Cipher, RecordKey, TAG_LEN};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
 use crate::protocol::{self, DecodeError, Frame, Head, Limits};
-use crate::transport::{RecordKey, TAG_LEN};
 
 /// Largest Noise message, ciphertext included.
 pub const NOISE_MAX: usize = 65535;
 /// Largest plaintext in one record.
 pub const RECORD_PLAINTEXT: usize = NOISE_MAX - TAG_LEN;
 const PREAMBLE_VERSION: u8 = 1;
-
-/// The AEAD cipher of the channel, chosen by the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cipher {
-    ChaChaPoly,
-    AesGcm,
-}
-
-impl Cipher {
-    pub const ALL: [Cipher; 2] = [Cipher::ChaChaPoly, Cipher::AesGcm];
-
-    /// The faster cipher on this machine: AES-GCM where the CPU has AES instructions
-    /// (about 2.5 times ChaChaPoly's throughput there, by `cargo bench --bench channel`),
-    /// ChaChaPoly elsewhere.
-    pub fn preferred() -> Cipher {
-        #[cfg(target_arch = "x86_64")]
-        let aes = std::arch::is_x86_feature_detected!("aes")
-            && std::arch::is_x86_feature_detected!("pclmulqdq");
-        #[cfg(target_arch = "aarch64")]
-        let aes = std::arch::is_aarch64_feature_detected!("aes");
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        let aes = false;
-        if aes {
-            Cipher::AesGcm
-        } else {
-            Cipher::ChaChaPoly
-        }
-    }
-
-    fn id(self) -> u8 {
-        match self {
-            Cipher::ChaChaPoly => 1,
-            Cipher::AesGcm => 2,
-        }
-    }
-
-    fn from_id(id: u8) -> Option<Cipher> {
-        Cipher::ALL.into_iter().find(|c| c.id() == id)
-    }
-
-    fn noise_params(self) -> snow::params::NoiseParams {
-        let name = match self {
-            Cipher::ChaChaPoly => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
-            Cipher::AesGcm => "Noise_IK_25519_AESGCM_BLAKE2s",
-        };
-        name.parse().expect("valid Noise pattern")
-    }
-}
-
-impl fmt::Display for Cipher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Cipher::ChaChaPoly => "chachapoly",
-            Cipher::AesGcm => "aesgcm",
-        })
-    }
-}
-
-impl std::str::FromStr for Cipher {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "chachapoly" | "chacha20poly1305" => Ok(Cipher::ChaChaPoly),
-            "aesgcm" | "aes-gcm" | "aes256gcm" => Ok(Cipher::AesGcm),
-            _ => Err(format!(
-                "unknown cipher '{s}'; known ciphers: chachapoly, aesgcm"
-            )),
-        }
-    }
-}
 
 /// Why a server refused a handshake; sent in clear as the first byte of its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::{connect, connect_from, pattern, rss_kib, ServerProcess, Setup};
-use dst::channel::{self, Cipher, Refusal};
+use dst::channel::{self, Refusal};
+use dst::cipher::Cipher;
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::{ClientError, Connection};
 use dst::protocol::{Access, Op, RequestHeader, FLAG_FUA};

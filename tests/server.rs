@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{allocated_blocks, connect, file_bytes, pattern, Setup};
-use dst::channel::{ChannelError, Cipher, Refusal};
+use dst::channel::{ChannelError, Refusal};
+use dst::cipher::Cipher;
 use dst::client::{ClientError, Connection};
 use dst::protocol::{Access, Op, RequestHeader};
 

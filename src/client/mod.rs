@@ -11,7 +11,8 @@ use std::io;
 
 use smol::net::TcpStream;
 
-use crate::channel::{self, ChannelError, Cipher, Receiver, Sender};
+use crate::channel::{self, ChannelError, Receiver, Sender};
+use crate::cipher::Cipher;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::protocol::{
     self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
