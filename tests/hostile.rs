@@ -330,7 +330,7 @@ struct Flood {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     replies: std::sync::Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    stream: smol::net::TcpStream,
+    stream: dst::channel::Hangup,
 }
 
 impl Flood {
@@ -375,7 +375,7 @@ impl Flood {
             stop,
             replies,
             threads: vec![sender, receiver],
-            stream: parts.stream,
+            stream: parts.hangup,
         }
     }
 
