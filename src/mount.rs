@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::channel::Cipher;
+use crate::cipher::Cipher;
 use crate::client::engine::{Engine, EngineConfig};
 use crate::client::ClientConfig;
 use crate::fuse::{self, DstFs, FsConfig, Tasks};

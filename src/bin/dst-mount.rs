@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::mount_options::{parse_max_transfer, resolve, Invocation, Options, Server};
 use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};

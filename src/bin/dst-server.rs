@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::server::auth::AuthorizedKeys;
 use dst::server::checksums::{self, ChecksumTable};
 use dst::server::export::ExportSpec;

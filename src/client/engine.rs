@@ -24,7 +24,7 @@ use super::stats::Stats;
 use super::table::{Table, Tx, Window};
 use super::{ClientConfig, ClientError, Connection, Parts};
 use crate::blocking::ThreadReader;
-use crate::channel::{Outgoing, OwnedFrame, Receiver, Sender};
+use crate::channel::{Hangup, Outgoing, OwnedFrame, Receiver, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Head, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
 
@@ -95,7 +95,7 @@ struct Waiter {
 /// The sending half of the current connection, taken by whichever thread sends.
 struct Wire {
     sender: Sender<TcpStream>,
-    stream: TcpStream,
+    stream: Hangup,
     out: Outgoing,
     batch: Vec<(RequestHeader, Arc<Vec<u8>>)>,
 }
@@ -784,12 +784,12 @@ impl Inner {
         let Parts {
             sender,
             receiver,
-            stream,
+            hangup: stream,
             limits,
             ..
         } = conn.into_parts();
-        let reader = match ThreadReader::new(&stream) {
-            Ok(reader) => reader,
+        let mut receiver = match receiver.into_blocking() {
+            Ok(receiver) => receiver,
             Err(e) => return format!("cannot read the connection: {e}"),
         };
         {
@@ -813,7 +813,6 @@ impl Inner {
         // its reply is decrypted: the kernel wakes it, and it answers the caller directly.
         let (ended_tx, ended) = smol::channel::bounded(1);
         let (inner, reader_link) = (self.clone(), link.clone());
-        let mut receiver = receiver.with_reader(reader);
         let spawned = std::thread::Builder::new()
             .name("dst-replies".into())
             .spawn(move || {

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use smol::future::FutureExt;
 use smol::net::TcpListener;
 
-use crate::channel::Cipher;
+use crate::cipher::Cipher;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
 use crate::protocol::{self};

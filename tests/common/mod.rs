@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::client::{ClientConfig, Connection};
 use dst::keys::PrivateKey;
 use dst::protocol::Access;
