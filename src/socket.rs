@@ -1,4 +1,5 @@
-//! The TCP congestion control of dst's connections, chosen by name as with
+//! dst's TCP connections: dialling a server by name, every address it resolves to in
+//! turn as ssh and curl do, and their congestion control, chosen by name as with
 //! `TCP_CONGESTION`.
 //!
 //! A client's writes leave in bursts of up to the window; a pacing control such as BBR
@@ -9,8 +10,11 @@
 //! told otherwise, quietly keeping the system's default where this process may not choose.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
+
+use smol::net::TcpStream;
 
 /// The congestion control asked for when none is given.
 const PREFERRED: &str = "cubic";
@@ -94,6 +98,38 @@ impl FromStr for Congestion {
     }
 }
 
+/// Connects to `server` (`HOST:PORT`): each address the name resolves to is tried in
+/// turn, IPv6 and IPv4 alike, and the error names every one tried.
+pub async fn dial(server: &str) -> io::Result<TcpStream> {
+    let addrs = smol::net::resolve(server)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {server}: {e}")))?;
+    dial_any(server, &addrs).await
+}
+
+/// Connects to the first of `addrs` (what `server` resolved to) that accepts.
+pub async fn dial_any(server: &str, addrs: &[SocketAddr]) -> io::Result<TcpStream> {
+    let mut tried = Vec::new();
+    let mut kind = io::ErrorKind::NotFound;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                kind = e.kind();
+                tried.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    Err(io::Error::new(
+        kind,
+        match tried.len() {
+            0 => format!("cannot connect to {server}: it resolves to no address"),
+            1 => format!("cannot connect to {server} ({})", tried[0]),
+            _ => format!("cannot connect to {server}: tried {}", tried.join("; ")),
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +188,46 @@ mod tests {
         );
         Congestion::Preferred.apply(&socket).unwrap();
         Congestion::System.apply(&socket).unwrap();
+    }
+
+    #[test]
+    fn dialling_tries_every_address_and_names_each_that_failed() {
+        smol::block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let open = listener.local_addr().unwrap();
+            // A port nobody listens on: bound, then let go.
+            let closed = std::net::TcpListener::bind("127.0.0.2:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let stream = dial_any("node", &[closed, open]).await.unwrap();
+            assert_eq!(stream.peer_addr().unwrap(), open);
+
+            let other = std::net::TcpListener::bind("127.0.0.3:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let e = dial_any("node:7700", &[closed, other]).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+            let text = e.to_string();
+            assert!(
+                text.starts_with("cannot connect to node:7700: tried ")
+                    && text.contains(&closed.to_string())
+                    && text.contains(&other.to_string()),
+                "{text}"
+            );
+            let e = dial_any("node:7700", &[]).await.unwrap_err();
+            assert!(e.to_string().contains("resolves to no address"), "{e}");
+        });
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_says_so() {
+        let e = smol::block_on(dial("no-such-host.invalid:7700")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot resolve no-such-host.invalid:7700"),
+            "{e}"
+        );
     }
 }

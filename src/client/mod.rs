@@ -119,9 +119,7 @@ impl Connection {
         cfg: &ClientConfig,
         session: Option<SessionId>,
     ) -> Result<Connection, ClientError> {
-        let stream = TcpStream::connect(&cfg.server).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot connect to {}: {e}", cfg.server))
-        })?;
+        let stream = crate::socket::dial(&cfg.server).await?;
         stream.set_nodelay(true)?;
         cfg.congestion.apply(&stream)?;
         let (mut tx, mut rx) = channel::connect(
