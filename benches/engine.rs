@@ -271,6 +271,7 @@ impl LocalServer {
             max_handshakes: Config::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_prefix: Config::DEFAULT_MAX_HANDSHAKES_PER_PREFIX,
             congestion: Congestion::default(),
+            metrics: None,
         };
         let server = smol::block_on(Server::bind(cfg)).expect("the server starts");
         let addr = server.local_addr().unwrap();

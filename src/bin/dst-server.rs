@@ -85,6 +85,12 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7700")]
     listen: SocketAddr,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off unless given). Bind it to
+    /// localhost or a management network: the counters name exports and client keys'
+    /// comments
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+
     /// Ciphers clients may choose, comma-separated: chachapoly, aesgcm
     #[arg(
         long,
@@ -245,6 +251,7 @@ fn run(args: Args) -> Result<(), String> {
         max_handshakes: args.max_handshakes,
         max_handshakes_per_prefix: args.max_handshakes_per_prefix,
         congestion: args.congestion_control.unwrap_or_default(),
+        metrics: args.metrics,
     };
     smol::block_on(async {
         let server = Server::bind(cfg).await?;

@@ -112,6 +112,15 @@ impl Handshakes {
         self.per_prefix
     }
 
+    /// Connections in the handshake now.
+    pub fn len(&self) -> usize {
+        self.table.lock().unwrap().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Takes a place for a connection from `peer`, dropping the oldest if the table is full.
     pub fn admit(&self, peer: IpAddr) -> Admitted {
         let prefix = Prefix::of(peer);
@@ -147,11 +156,6 @@ impl Handshakes {
             },
             evicted,
         )
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.table.lock().unwrap().entries.len()
     }
 }
 

@@ -103,6 +103,7 @@ impl Shared {
     }
 
     fn refused(&self, kind: Kind, what: String, now: Instant) {
+        self.metrics.refused(kind);
         let line = self.refusals.lock().unwrap().note(kind, what, now);
         if let Some(line) = line {
             log::log!(kind.level(), "{line}");
@@ -368,6 +369,10 @@ impl Shared {
             export: &export.name,
             access: hello.access,
         };
+        let comment = (self.authorized_keys.read().unwrap())
+            .lookup(client)
+            .map(|k| k.comment.clone())
+            .unwrap_or_default();
         let mut sessions = self.sessions.lock().unwrap();
         if let Some(s) = hello.session.and_then(|id| sessions.resume(&id, &ask)) {
             return Ok((s, Vec::new()));
@@ -378,6 +383,7 @@ impl Shared {
             export.clone(),
             hello.access,
             ReplyCache::new(self.session_requests * CACHE_PER_REQUEST),
+            self.metrics.client(client, &comment),
         ));
         let now = Instant::now();
         let ended = sessions.expire(now);

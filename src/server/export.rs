@@ -8,12 +8,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use super::checksums::{self, ChecksumTable};
 use super::flush_group::FlushGroup;
+use super::metrics::ExportCounters;
 use crate::pool::Pool;
 use crate::protocol::{Op, RequestHeader, FLAG_FUA};
 
@@ -112,9 +112,8 @@ pub struct Export {
     pub checksums: Option<ChecksumTable>,
     /// FLUSHes waiting for the next fdatasync.
     flushes: Mutex<FlushGroup<FlushDone>>,
-    /// Bytes of the reads and writes that succeeded.
-    read_bytes: AtomicU64,
-    written_bytes: AtomicU64,
+    /// What was asked of it, for monitoring.
+    pub counters: ExportCounters,
 }
 
 /// What a FLUSH does once its sync is done: answer with the status.
@@ -203,8 +202,7 @@ impl Export {
             write_lock: Mutex::new(()),
             checksums,
             flushes: Mutex::new(FlushGroup::default()),
-            read_bytes: AtomicU64::new(0),
-            written_bytes: AtomicU64::new(0),
+            counters: ExportCounters::default(),
         })
     }
 
@@ -230,24 +228,7 @@ impl Export {
             return self.flush(Box::new(move |status| done((status, Vec::new()))));
         }
         let fua = h.flags & FLAG_FUA != 0;
-        let outcome = self.run(h.op, fua, h.offset, h.length, data, pool);
-        if outcome.0 == 0 {
-            let moved = match h.op {
-                Op::Read => &self.read_bytes,
-                Op::Write => &self.written_bytes,
-                _ => return done(outcome),
-            };
-            moved.fetch_add(u64::from(h.length), Ordering::Relaxed);
-        }
-        done(outcome)
-    }
-
-    /// Bytes read and written so far by requests that succeeded.
-    pub fn moved(&self) -> (u64, u64) {
-        (
-            self.read_bytes.load(Ordering::Relaxed),
-            self.written_bytes.load(Ordering::Relaxed),
-        )
+        done(self.run(h.op, fua, h.offset, h.length, data, pool))
     }
 
     fn run(

@@ -29,6 +29,8 @@ pub mod fair;
 mod flush_group;
 mod handshakers;
 pub mod limits;
+pub mod metrics;
+mod metrics_endpoint;
 pub mod negotiation;
 mod replies;
 pub mod reply_cache;
@@ -60,6 +62,7 @@ use budget::Budget;
 use export::{Export, ExportSpec};
 use handshakers::Handshakers;
 use limits::Tally;
+use metrics::Metrics;
 use session::Session;
 use sessions::{SessionLimits, SessionTable};
 use workers::Workers;
@@ -106,6 +109,8 @@ pub struct Config {
     pub max_handshakes_per_prefix: usize,
     /// TCP congestion control of the connections.
     pub congestion: Congestion,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -140,6 +145,7 @@ pub const CONNECTION_OVERHEAD: usize = 512 << 10;
 /// A running server: bound, with its exports open.
 pub struct Server {
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -155,6 +161,8 @@ struct Shared {
     session_linger: Duration,
     /// Room for the requests of every session.
     budget: Arc<Budget>,
+    memory_budget: usize,
+    metrics: Metrics,
     session_requests: usize,
     /// Authenticated connections; those in the handshake are in `handshakes`.
     connections: Tally<()>,
@@ -191,6 +199,14 @@ impl Server {
         cfg.congestion
             .apply(&listener)
             .map_err(|e| format!("--congestion-control: {e}"))?;
+        let metrics = match cfg.metrics {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot serve --metrics on {addr}: {e}"))?,
+            ),
+            None => None,
+        };
         let mut exports = HashMap::new();
         for spec in &cfg.exports {
             if exports.contains_key(&spec.name) {
@@ -229,6 +245,8 @@ impl Server {
                 reserve: cfg.max_transfer as usize,
                 overhead: CONNECTION_OVERHEAD,
             }),
+            memory_budget: cfg.memory_budget,
+            metrics: Metrics::default(),
             session_requests: cfg.session_requests.max(1),
             connections: Tally::new(cfg.max_connections),
             per_key: Tally::new(cfg.max_connections_per_key),
@@ -255,7 +273,11 @@ impl Server {
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
         });
-        Ok(Server { listener, shared })
+        Ok(Server {
+            listener,
+            metrics,
+            shared,
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -285,6 +307,12 @@ impl Server {
                     shared.expire_sessions();
                 }
             }
+        });
+        let _metrics = self.metrics.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                log::info!("metrics on http://{addr}/metrics");
+            }
+            smol::spawn(metrics_endpoint::serve(listener, shared.clone()))
         });
         let accept = async {
             loop {
@@ -345,7 +373,7 @@ impl Control {
         let (read, written) = s
             .exports
             .values()
-            .map(|e| e.moved())
+            .map(|e| e.counters.moved())
             .fold((0, 0), |(r, w), (er, ew)| (r + er, w + ew));
         format!(
             "{} exports, {sessions} sessions ({connected} connected), {} connections; \

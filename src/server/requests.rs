@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use smol::future::FutureExt;
 
@@ -73,6 +74,7 @@ impl Shared {
                 Ok(None) => return "closed by the client".into(),
                 Err(e) => return e.to_string(),
             };
+            let arrived = Instant::now();
             let answer = |status, permit| Reply {
                 header: ReplyHeader {
                     txid: h.txid,
@@ -101,6 +103,7 @@ impl Shared {
                     continue;
                 }
                 Admit::Answer(status) => {
+                    session.count(&h, status, arrived);
                     self.pool.put(data);
                     session.reply(conn, answer(status, permit));
                     continue;
@@ -120,6 +123,7 @@ impl Shared {
                     return;
                 };
                 let done = move |(status, read)| {
+                    session.count(&h, status, arrived);
                     let header = ReplyHeader {
                         txid: h.txid,
                         status,

@@ -9,20 +9,24 @@
 //! finished. So nothing of a session runs after its successor's first request.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use smol::net::TcpStream;
 
 use super::export::Export;
+use super::metrics::ClientCounters;
 use super::replies::{Replies, Reply};
 use super::reply_cache::ReplyCache;
 use crate::keys::PublicKey;
-use crate::protocol::{Access, SessionId};
+use crate::protocol::{Access, RequestHeader, SessionId};
 
 pub(super) struct Session {
     pub id: SessionId,
     pub client: PublicKey,
     pub export: Arc<Export>,
     pub access: Access,
+    /// Its client key's counters, for monitoring.
+    pub counters: Arc<ClientCounters>,
     state: Mutex<SessionState>,
     fence: Mutex<Fence>,
     /// Notified when the last executing request of an ended session finishes.
@@ -86,12 +90,14 @@ impl Session {
         export: Arc<Export>,
         access: Access,
         cache: ReplyCache,
+        counters: Arc<ClientCounters>,
     ) -> Session {
         Session {
             id,
             client,
             export,
             access,
+            counters,
             state: Mutex::new(SessionState { cache, sink: None }),
             fence: Mutex::new(Fence::default()),
             drained: event_listener::Event::new(),
@@ -152,6 +158,13 @@ impl Session {
         if st.sink.as_ref().is_some_and(|(c, _)| *c == conn) {
             st.sink = None;
         }
+    }
+
+    /// Counts an answered request, which arrived at `arrived`, for monitoring.
+    pub fn count(&self, h: &RequestHeader, status: u32, arrived: Instant) {
+        let latency = arrived.elapsed();
+        self.export.counters.record(h.op, status, h.length, latency);
+        self.counters.record(h.op, status, h.length);
     }
 
     /// Sends a reply on the connection `conn`, if it is still the session's.
