@@ -7,9 +7,9 @@
 //! every rule is tested deterministically.
 //!
 //! It owns the transaction [`Table`] (the window, the resend queue and deadlines), the
-//! connection's [`Link`] health (pings, death, backoff, down time), the [`Durability`]
-//! accounting (acked against flushed, the reboot rule), the session to resume, and the
-//! counters.
+//! connection's health (`link`: pings, death, backoff, down time), the accounting of
+//! what is durable (`durability`: acked against flushed, the reboot rule), the session
+//! to resume, and the counters.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

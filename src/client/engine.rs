@@ -11,7 +11,9 @@
 //! completions right there. A timer task wakes when the core says and lets it resend,
 //! fail, ping or declare the connection dead. A lost connection is re-established when
 //! the core's backoff says, the session resumed, and every unacked transaction sent
-//! again; the server's reply cache makes those resends execute at most once.
+//! again; the server's reply cache makes those resends execute at most once. The awaited
+//! operations, split into as many transactions as the server's limits require, are in
+//! `ops`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,14 +31,14 @@ use crate::channel::{Outgoing, OwnedFrame, Receiver, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Head, Limits, Op, RequestHeader, FLAG_FUA};
 
+mod ops;
+
 /// Requests encoded into one channel send, at most (beyond the first).
 const SEND_BATCH: usize = 1 << 20;
 /// Bytes of idle buffers the pool keeps at most.
 const POOL_BYTES: usize = 16 << 20;
 /// Read replies from this size on are handed to their callers on an executor thread.
 const HANDOFF_BYTES: usize = 64 << 10;
-/// Largest trim or write-zeroes range in one transaction.
-const RANGE_CHUNK: u64 = 1 << 30;
 
 /// How the engine connects and how patient it is.
 #[derive(Debug, Clone)]
@@ -158,66 +160,10 @@ impl Engine {
         &self.inner.info
     }
 
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, i32> {
-        let max = self.inner.info.max_transfer;
-        let mut pending = Vec::new();
-        for (off, n) in chunks(offset, len as u64, max as u64) {
-            pending.push(
-                self.inner
-                    .submit(Op::Read, 0, off, n as u32, Vec::new())
-                    .await?,
-            );
-        }
-        let mut out = Vec::with_capacity(len as usize);
-        for rx in pending {
-            let data = wait(rx).await?;
-            if out.is_empty() {
-                out = data;
-            } else {
-                out.extend_from_slice(&data);
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
-        let max = self.inner.info.max_transfer as usize;
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let mut pending = Vec::new();
-        for (i, part) in data.chunks(max).enumerate() {
-            let buf = self.inner.pool.copy_of(part);
-            let off = offset + (i * max) as u64;
-            pending.push(
-                self.inner
-                    .submit(Op::Write, flags, off, part.len() as u32, buf)
-                    .await?,
-            );
-        }
-        wait_all(pending).await
-    }
-
     /// A copy of `data` in a buffer from the engine's pool, for [`Engine::write_buffer`]:
     /// a caller whose data lives in a borrowed buffer copies it once, here.
     pub fn buffer(&self, data: &[u8]) -> Vec<u8> {
         self.inner.pool.copy_of(data)
-    }
-
-    /// Writes a buffer the engine keeps until the write is acked (for resends), then
-    /// returns to its pool; no further copy unless it is over the maximum transfer.
-    pub async fn write_buffer(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), i32> {
-        if data.len() > self.inner.info.max_transfer as usize {
-            // The server granted less than the caller's writes: split, copying the parts.
-            let result = self.write(offset, &data, fua).await;
-            self.recycle(data);
-            return result;
-        }
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let len = data.len() as u32;
-        let rx = self
-            .inner
-            .submit(Op::Write, flags, offset, len, data)
-            .await?;
-        wait(rx).await.map(drop)
     }
 
     /// Gives the buffer of a finished read back to the pool.
@@ -288,33 +234,6 @@ impl Engine {
         }
     }
 
-    /// Returns once every write acked before it is on stable storage on the export node.
-    pub async fn flush(&self) -> Result<(), i32> {
-        let rx = self.inner.submit(Op::Flush, 0, 0, 0, Vec::new()).await?;
-        wait(rx).await.map(drop)
-    }
-
-    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), i32> {
-        self.range_op(Op::Trim, 0, offset, len).await
-    }
-
-    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
-        self.range_op(Op::WriteZeroes, if fua { FLAG_FUA } else { 0 }, offset, len)
-            .await
-    }
-
-    async fn range_op(&self, op: Op, flags: u8, offset: u64, len: u64) -> Result<(), i32> {
-        let mut pending = Vec::new();
-        for (off, n) in chunks(offset, len, RANGE_CHUNK) {
-            pending.push(
-                self.inner
-                    .submit(op, flags, off, n as u32, Vec::new())
-                    .await?,
-            );
-        }
-        wait_all(pending).await
-    }
-
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.inner.state.lock().unwrap().stats()
@@ -331,26 +250,6 @@ impl Engine {
             driver.await;
         }
     }
-}
-
-/// Splits `len` bytes at `offset` into pieces of at most `max`.
-fn chunks(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
-    let count = len.div_ceil(max).max(1);
-    (0..count).map(move |i| (offset + i * max, (len - i * max).min(max)))
-}
-
-async fn wait(rx: smol::channel::Receiver<Outcome>) -> Outcome {
-    rx.recv().await.unwrap_or(Err(libc::EIO))
-}
-
-async fn wait_all(pending: Vec<smol::channel::Receiver<Outcome>>) -> Result<(), i32> {
-    let mut result = Ok(());
-    for rx in pending {
-        if let Err(e) = wait(rx).await {
-            result = result.and(Err(e));
-        }
-    }
-    result
 }
 
 impl Inner {
@@ -721,20 +620,5 @@ impl Inner {
                 Err(e) => return e.to_string(),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chunks;
-
-    #[test]
-    fn chunks_cover_the_range() {
-        assert_eq!(chunks(10, 0, 4).collect::<Vec<_>>(), vec![(10, 0)]);
-        assert_eq!(chunks(10, 4, 4).collect::<Vec<_>>(), vec![(10, 4)]);
-        assert_eq!(
-            chunks(10, 9, 4).collect::<Vec<_>>(),
-            vec![(10, 4), (14, 4), (18, 1)]
-        );
     }
 }
