@@ -39,6 +39,8 @@ const SEND_BATCH: usize = 1 << 20;
 const POOL_BYTES: usize = 16 << 20;
 /// Read replies from this size on are handed to their callers on an executor thread.
 const HANDOFF_BYTES: usize = 64 << 10;
+/// Shortest sleep of the timer: deadlines a hair apart are met in one wake-up.
+const TIMER_MIN: Duration = Duration::from_millis(1);
 
 /// How the engine connects and how patient it is.
 #[derive(Debug, Clone)]
@@ -423,7 +425,7 @@ impl Inner {
                 st.next_wake()
             };
             async {
-                smol::Timer::at(at).await;
+                smol::Timer::at(at.max(Instant::now() + TIMER_MIN)).await;
             }
             .or(rewake)
             .await;
@@ -431,8 +433,10 @@ impl Inner {
             if let Some(why) = tick.dead {
                 self.cut(why);
             }
+            // The writer sends: a send blocked on a stalled connection must not hold up
+            // the next tick, which may be the one that declares it dead.
             if tick.send {
-                self.send_queued().await;
+                self.queued.notify(1);
             }
             self.fail(tick.failed);
         }
