@@ -72,8 +72,8 @@ pub fn request<W>(
 pub enum Blocked<W> {
     /// The window is full: submit it again once a transaction completes.
     NoRoom(Request<W>),
-    /// It fails with this errno.
-    Failed(i32, Request<W>),
+    /// It fails with this errno; here is its waiter.
+    Failed(i32, W),
 }
 
 /// Waiters to complete with an errno each.
@@ -146,15 +146,15 @@ impl<W> Core<W> {
     /// (latency-bound: worth sending at once).
     pub fn submit(&mut self, now: Instant, mut tx: Request<W>) -> Result<bool, Blocked<W>> {
         if let Some(errno) = self.fatal {
-            return Err(Blocked::Failed(errno, tx));
+            return Err(Blocked::Failed(errno, tx.waiter.waiter));
         }
         // Down for longer than a transaction may wait: it would only wait the whole
         // resend budget to fail, so fail now (an array above can go on degraded).
         if self.link.down_longer_than(now, self.cfg.resend_budget()) {
-            return Err(Blocked::Failed(libc::EIO, tx));
+            return Err(Blocked::Failed(libc::EIO, tx.waiter.waiter));
         }
         if self.closing && self.table.is_empty() {
-            return Err(Blocked::Failed(libc::ESHUTDOWN, tx));
+            return Err(Blocked::Failed(libc::ESHUTDOWN, tx.waiter.waiter));
         }
         if !self.table.has_room(tx.cost()) {
             return Err(Blocked::NoRoom(tx));

@@ -223,12 +223,12 @@ impl Engine {
             Ok(false) => {
                 self.inner.queued.notify(1);
             }
-            Err(Blocked::Failed(errno, tx)) => (tx.waiter.waiter)(Err(errno)),
+            Err(Blocked::Failed(errno, done)) => done(Err(errno)),
             Err(Blocked::NoRoom(tx)) => {
                 let inner = self.inner.clone();
                 smol::spawn(async move {
-                    if let Err((errno, tx)) = inner.enter(tx).await {
-                        (tx.waiter.waiter)(Err(errno));
+                    if let Err((errno, done)) = inner.enter(tx).await {
+                        done(Err(errno));
                     }
                 })
                 .detach();
@@ -275,12 +275,12 @@ impl Inner {
     }
 
     /// Enters a transaction once the window has room, and sends it.
-    async fn enter(&self, mut tx: Request<Done>) -> Result<(), (i32, Request<Done>)> {
+    async fn enter(&self, mut tx: Request<Done>) -> Result<(), (i32, Done)> {
         let alone = loop {
             let room = self.room.listen();
             match self.try_enter(tx) {
                 Ok(alone) => break alone,
-                Err(Blocked::Failed(errno, tx)) => return Err((errno, tx)),
+                Err(Blocked::Failed(errno, done)) => return Err((errno, done)),
                 Err(Blocked::NoRoom(back)) => tx = back,
             }
             room.await;

@@ -146,7 +146,7 @@ fn a_node_down_longer_than_the_resend_budget_fails_new_requests_at_once() {
         .is_ok());
     assert!(matches!(
         c.submit(t0 + budget + MS, req(Op::Read, 10, t0, "late")),
-        Err(Blocked::Failed(libc::EIO, _))
+        Err(Blocked::Failed(libc::EIO, "late"))
     ));
     c.on_connect_failed(t0 + budget);
     assert!(
@@ -374,6 +374,6 @@ fn closing_waits_for_what_is_in_flight_then_refuses() {
     assert!(c.finished());
     assert!(matches!(
         c.submit(t0, req(Op::Read, 10, t0, "late")),
-        Err(Blocked::Failed(libc::ESHUTDOWN, _))
+        Err(Blocked::Failed(libc::ESHUTDOWN, "late"))
     ));
 }
