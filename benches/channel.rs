@@ -6,7 +6,8 @@
 
 use std::time::Instant;
 
-use dst::channel::{self, Cipher, OwnedFrame};
+use dst::channel::{self, OwnedFrame};
+use dst::cipher::Cipher;
 use dst::pool::Pool;
 use dst::protocol::{self, Frame, Head, Limits, Op, RequestHeader};
 use smol::net::unix::UnixStream;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::client::core::{self, Core, CoreConfig};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::table::{Table, Tx, Window};

@@ -6,22 +6,18 @@
 # Installs dst-server, dst-keygen and dst-mount into $BINDIR (/usr/local/bin) and the mount
 # helper as $SBINDIR/mount.dst (/sbin/mount.dst), where mount(8) looks for it, so that
 # `mount -t dst` and fstab lines of type dst work. The helper finds dst-mount in $BINDIR.
-# Also installs dst-server-ready, the readiness check of dst-server.service, as
-# $LIBEXECDIR/dst-server-ready (/usr/local/libexec/dst). systemd units and examples stay in
-# contrib/ for you to copy (see the README, "Operations").
+# systemd units and examples stay in contrib/ for you to copy (see the README,
+# "Operations").
 set -eu
 cd "$(dirname "$0")/.."
 
 BINDIR=${BINDIR:-/usr/local/bin}
 SBINDIR=${SBINDIR:-/sbin}
-LIBEXECDIR=${LIBEXECDIR:-/usr/local/libexec/dst}
 
 if [ "${1:-}" != --no-build ]; then
     cargo build --release --locked
 fi
-install -d "$BINDIR" "$SBINDIR" "$LIBEXECDIR"
+install -d "$BINDIR" "$SBINDIR"
 install -m 0755 target/release/dst-server target/release/dst-keygen target/release/dst-mount "$BINDIR/"
 install -m 0755 mount-helper/mount.dst "$SBINDIR/mount.dst"
-install -m 0755 contrib/dst-server-ready "$LIBEXECDIR/dst-server-ready"
-echo "installed dst-server, dst-keygen and dst-mount in $BINDIR, mount.dst in $SBINDIR," \
-    "dst-server-ready in $LIBEXECDIR"
+echo "installed dst-server, dst-keygen and dst-mount in $BINDIR, mount.dst in $SBINDIR"

@@ -8,23 +8,26 @@
 //! ```
 //!
 //! [`protocol`] holds the frames and their strict decoding, [`channel`] the handshake and
-//! encrypted framing ([`transport`] its record cipher), [`server`] the export node, [`client`] the client side, and
+//! encrypted framing ([`cipher`] its ciphers and record keys), [`server`] the export node, [`client`] the client side, and
 //! [`keys`] the key files both sides use. On the client, [`fuse`] shows an export as one
 //! file, [`mount`] runs a mount from start to unmount, and [`mount_options`] parses what
 //! mount(8), fstab and `dst-mount` are given. [`process`] keeps key material out of core
-//! dumps in every binary.
+//! dumps in every binary; [`logging`] and [`service`] are how they talk to an operator's
+//! tools (log lines, with journald priorities under systemd; sd_notify).
 
 pub mod blocking;
 pub mod channel;
+pub mod cipher;
 pub mod client;
 pub mod fuse;
 pub mod keys;
+pub mod logging;
 pub mod mount;
 pub mod mount_options;
 pub mod pool;
 pub mod process;
 pub mod protocol;
 pub mod server;
+pub mod service;
 pub mod socket;
-pub mod transport;
 pub mod units;

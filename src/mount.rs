@@ -12,13 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::channel::Cipher;
+use crate::cipher::Cipher;
 use crate::client::engine::{Engine, EngineConfig};
 use crate::client::ClientConfig;
 use crate::fuse::{self, DstFs, FsConfig, Tasks};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::mount_options::MountRequest;
 use crate::protocol::Access;
+use crate::service;
+use crate::units::human_bytes;
 
 /// The transfer size asked for when none is given; the server may agree to less.
 pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
@@ -314,9 +316,12 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
         std::process::id()
     );
     log::info!("{resends}");
-    if let Some(report) = ready {
+    let foreground = ready.is_none();
+    match ready {
         // Not fatal: the mount works; the parent then says the process ended early.
-        let _ = report.write_all(&[REPORT_READY]);
+        Some(report) => drop(report.write_all(&[REPORT_READY])),
+        // In the foreground under a unit, systemd is told instead (Type=notify).
+        None => service::ready(&format!("mounted {source} at {}", mountpoint.display())),
     }
 
     smol::block_on(async {
@@ -328,6 +333,9 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
             None
         })
         .await;
+        if foreground {
+            service::stopping("waiting for the acks of writes in flight");
+        }
         if let Some(sig) = signalled {
             log::info!("signal {sig}: unmounting {}", mountpoint.display());
             unmount(&mountpoint);
@@ -526,21 +534,6 @@ fn human_value(name: &str, value: &str) -> String {
     n.to_string()
 }
 
-/// Bytes with a binary unit: `512 B`, `1.5 KiB`, `44.5 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,14 +622,5 @@ mod tests {
   fuse in progress     4
 ";
         assert_eq!(out, want);
-    }
-
-    #[test]
-    fn bytes_for_people() {
-        assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1023), "1023 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
-        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
     }
 }

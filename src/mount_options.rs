@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::channel::Cipher;
+use crate::cipher::Cipher;
 use crate::socket::Congestion;
 use crate::units::{parse_duration, parse_size};
 

@@ -63,7 +63,7 @@ fn an_expired_writer_s_queued_zeroes_never_land_on_the_next_writer_s_data() {
     block_on(tx.send(&buf)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // Its client goes away and does not come back: the session expires.
-    drop((tx, rx, parts.stream));
+    drop((tx, rx, parts.hangup));
     server.wait_for_log("expired; 1 queued requests cancelled, 2 executing");
 
     // The next writer, another key. Its session may open only once the first one's

@@ -92,9 +92,8 @@ fn idle_connections_from_many_prefixes_do_not_lock_out_a_client() {
 }
 
 /// What a real client sends first, recorded by a listener that answers nothing.
-fn record_first_flight(s: &Setup, server: &ServerProcess) -> Vec<u8> {
+fn record_first_flight(mut cfg: dst::client::ClientConfig) -> Vec<u8> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut cfg = s.client(server, "disk", Access::ReadOnly);
     cfg.server = listener.local_addr().unwrap().to_string();
     let client = std::thread::spawn(move || {
         let _ = smol::block_on(Connection::connect(&cfg, None));
@@ -114,7 +113,7 @@ fn record_first_flight(s: &Setup, server: &ServerProcess) -> Vec<u8> {
 fn a_replayed_first_message_flood_from_one_prefix_is_cut_by_its_bucket() {
     let s = Setup::new();
     let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
-    let flight = record_first_flight(&s, &server);
+    let flight = record_first_flight(s.client(&server, "disk", Access::ReadOnly));
     let quiet = timed_ping(&s, &server);
 
     let addr: SocketAddr = server.addr;
@@ -159,6 +158,41 @@ fn a_replayed_first_message_flood_from_one_prefix_is_cut_by_its_bucket() {
     );
 }
 
+/// The server's answer to a replay of `flight`: its code and message 2.
+fn answer_to_replay(server: &ServerProcess, flight: &[u8]) -> Vec<u8> {
+    let mut c = connect_from("127.5.0.2", server.addr);
+    c.write_all(flight).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = vec![0u8; 3];
+    c.read_exact(&mut answer).unwrap();
+    let len = u16::from_be_bytes([answer[1], answer[2]]) as usize;
+    answer.resize(3 + len, 0);
+    c.read_exact(&mut answer[3..]).unwrap();
+    answer
+}
+
+#[test]
+fn a_replayed_first_message_does_not_tell_whether_its_client_is_allowed() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let allowed = record_first_flight(s.client(&server, "disk", Access::ReadOnly));
+    let mut stranger = s.client(&server, "disk", Access::ReadOnly);
+    stranger.key = dst::keys::generate();
+    let refused = record_first_flight(stranger);
+    let (a, r) = (
+        answer_to_replay(&server, &allowed),
+        answer_to_replay(&server, &refused),
+    );
+    eprintln!(
+        "answers to replays: {} bytes (allowed client), {} bytes (stranger)",
+        a.len(),
+        r.len()
+    );
+    // Both look like acceptances: code 0 and a message 2 of the same length.
+    assert_eq!((a[0], a.len()), (r[0], r.len()));
+    assert_eq!(a[0], 0);
+}
+
 #[test]
 fn connections_that_send_nothing_are_closed_after_the_first_flight_deadline() {
     let s = Setup::new();
@@ -173,7 +207,7 @@ fn connections_that_send_nothing_are_closed_after_the_first_flight_deadline() {
     ]);
     let mut silent = connect_from("127.3.0.2", server.addr);
     let mut partial = connect_from("127.3.0.2", server.addr);
-    partial.write_all(b"DST\x01\x01\0\0\0\x00\x60").unwrap();
+    partial.write_all(b"DST\x02\x01\0\0\0\x00\x60").unwrap();
     let silent_closed = time_to_close(&mut silent, Duration::from_secs(10));
     let partial_closed = time_to_close(&mut partial, Duration::from_secs(10));
     eprintln!(

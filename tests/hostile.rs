@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::proxy::Proxy;
 use common::{connect, connect_from, pattern, rss_kib, ServerProcess, Setup};
-use dst::channel::{self, Cipher, Refusal};
+use dst::channel::{self, Refusal};
+use dst::cipher::Cipher;
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::{ClientError, Connection};
 use dst::protocol::{Access, Op, RequestHeader, FLAG_FUA};
@@ -329,7 +330,7 @@ struct Flood {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     replies: std::sync::Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    stream: smol::net::TcpStream,
+    stream: dst::channel::Hangup,
 }
 
 impl Flood {
@@ -374,7 +375,7 @@ impl Flood {
             stop,
             replies,
             threads: vec![sender, receiver],
-            stream: parts.stream,
+            stream: parts.hangup,
         }
     }
 

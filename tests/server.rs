@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{allocated_blocks, connect, file_bytes, pattern, Setup};
-use dst::channel::{ChannelError, Cipher, Refusal};
+use dst::channel::{ChannelError, Refusal};
+use dst::cipher::Cipher;
 use dst::client::{ClientError, Connection};
 use dst::protocol::{Access, Op, RequestHeader};
 
@@ -430,10 +431,10 @@ fn garbage_and_stalled_peers_do_not_stop_service() {
     let mut garbage = TcpStream::connect(server.addr).unwrap();
     let _ = garbage.write_all(&pattern(10_000, 1));
     let mut bad_hs = TcpStream::connect(server.addr).unwrap();
-    let _ = bad_hs.write_all(b"DST\x01\x01\0\0\0\xff\xff");
+    let _ = bad_hs.write_all(b"DST\x02\x01\0\0\0\xff\xff");
     let _ = bad_hs.write_all(&pattern(65535, 2));
     let mut stalled = TcpStream::connect(server.addr).unwrap();
-    stalled.write_all(b"DST\x01\x01\0\0\0\x00\x60").unwrap();
+    stalled.write_all(b"DST\x02\x01\0\0\0\x00\x60").unwrap();
 
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
     block_on(async {

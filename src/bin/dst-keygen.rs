@@ -25,7 +25,7 @@ struct Args {
 fn main() -> ExitCode {
     // Before the key is generated: no core dumps of key material.
     let protected = dst::process::protect_process();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    dst::logging::init("warn");
     if let Err(e) = protected {
         log::warn!("cannot disable core dumps (key material could end up in one): {e}");
     }

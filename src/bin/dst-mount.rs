@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::mount_options::{parse_max_transfer, resolve, Invocation, Options, Server};
 use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};
@@ -155,9 +155,7 @@ fn main() -> ExitCode {
     // Before the key is read: no core dumps of key material.
     let protected = dst::process::protect_process();
     // fuser warns about harmless things, such as unmounting what umount(8) already unmounted.
-    let default_filter = "info,fuser=error";
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
-        .init();
+    dst::logging::init("info,fuser=error");
     if let Err(e) = protected {
         log::warn!("cannot disable core dumps (key material could end up in one): {e}");
     }

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::server::auth::AuthorizedKeys;
 use dst::server::checksums::{self, ChecksumTable};
 use dst::server::export::ExportSpec;
-use dst::server::{Config, Reloader, Server};
+use dst::server::{Config, Control, Server};
 use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};
 
@@ -182,7 +182,7 @@ struct Args {
 fn main() -> ExitCode {
     // Before the key is read: no core dumps of key material.
     let protected = dst::process::protect_process();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    dst::logging::init("info");
     if let Err(e) = protected {
         log::warn!("cannot disable core dumps (key material could end up in one): {e}");
     }
@@ -248,10 +248,13 @@ fn run(args: Args) -> Result<(), String> {
     };
     smol::block_on(async {
         let server = Server::bind(cfg).await?;
-        let stop = handle_signals(server.reloader())
+        let control = server.control();
+        let stop = handle_signals(control.clone())
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
         let addr = server.local_addr().map_err(|e| e.to_string())?;
         log::info!("listening on {addr}");
+        dst::service::ready(&format!("listening on {addr}; {}", control.status()));
+        let _status = dst::service::managed().then(|| smol::spawn(report_status(control)));
         server.run(stop).await.map_err(|e| e.to_string())
     })
 }
@@ -278,22 +281,39 @@ fn raise_fd_limit() {
     }
 }
 
+/// Tells the service manager the server's status, and pings its watchdog if it wants.
+async fn report_status(control: Control) {
+    const STATUS_EVERY: Duration = Duration::from_secs(10);
+    let watchdog = dst::service::watchdog_interval();
+    let every = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    loop {
+        smol::Timer::after(every).await;
+        dst::service::status(&control.status());
+        if watchdog.is_some() {
+            dst::service::watchdog();
+        }
+    }
+}
+
 /// Reloads the authorized keys on SIGHUP; returns a future that resolves on the first
 /// SIGINT or SIGTERM.
-fn handle_signals(reloader: Reloader) -> std::io::Result<impl std::future::Future<Output = ()>> {
+fn handle_signals(control: Control) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
     let (tx, rx) = smol::channel::bounded(1);
     std::thread::spawn(move || {
         for sig in signals.forever() {
             if sig == SIGHUP {
-                match reloader.reload() {
+                dst::service::reloading();
+                match control.reload() {
                     Ok(n) => log::info!("SIGHUP: reloaded authorized keys ({n} keys)"),
                     Err(e) => log::error!("SIGHUP: keeping the old authorized keys: {e}"),
                 }
+                dst::service::ready(&control.status());
                 continue;
             }
             log::info!("signal {sig} received");
+            dst::service::stopping("finishing executing requests and syncing the exports");
             let _ = tx.send_blocking(());
             break;
         }

@@ -27,7 +27,7 @@ use super::stats::Stats;
 use super::table::Window;
 use super::{ClientConfig, ClientError, Connection, Parts};
 use crate::blocking::ThreadReader;
-use crate::channel::{Outgoing, OwnedFrame, Receiver, Sender};
+use crate::channel::{Hangup, Outgoing, OwnedFrame, Receiver, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Head, Limits, Op, RequestHeader, FLAG_FUA};
 
@@ -89,7 +89,7 @@ type Done = Box<dyn FnOnce(Outcome) + Send>;
 /// The sending half of the current connection, taken by whichever thread sends.
 struct Wire {
     sender: Sender<TcpStream>,
-    stream: TcpStream,
+    stream: Hangup,
     out: Outgoing,
     batch: Vec<(RequestHeader, Arc<Vec<u8>>)>,
 }
@@ -115,8 +115,8 @@ struct Inner {
     driver: Mutex<Option<smol::Task<()>>>,
     /// `None` while there is no connection.
     wire: smol::lock::Mutex<Option<Wire>>,
-    /// The socket of the current connection, for ending it from outside its tasks.
-    socket: Mutex<Option<TcpStream>>,
+    /// Hangs up the current connection, for ending it from outside its tasks.
+    hangup: Mutex<Option<Hangup>>,
     /// Why the current connection failed or was ended, if it was.
     send_error: Mutex<Option<String>>,
 }
@@ -148,7 +148,7 @@ impl Engine {
             rewake: Event::new(),
             driver: Mutex::new(None),
             wire: smol::lock::Mutex::new(None),
-            socket: Mutex::new(None),
+            hangup: Mutex::new(None),
             send_error: Mutex::new(None),
         });
         let driver = smol::spawn(inner.clone().drive(conn));
@@ -407,8 +407,8 @@ impl Inner {
     /// Ends the current connection, for `why`; the driver then reconnects.
     fn cut(&self, why: String) {
         self.send_error.lock().unwrap().get_or_insert(why);
-        if let Some(socket) = self.socket.lock().unwrap().as_ref() {
-            let _ = socket.shutdown(Shutdown::Both);
+        if let Some(hangup) = self.hangup.lock().unwrap().as_ref() {
+            let _ = hangup.shutdown(Shutdown::Both);
         }
     }
 
@@ -541,16 +541,16 @@ impl Inner {
         let Parts {
             sender,
             receiver,
-            stream,
+            hangup: stream,
             limits,
             ..
         } = conn.into_parts();
-        let reader = match ThreadReader::new(&stream) {
-            Ok(reader) => reader,
+        let mut receiver = match receiver.into_blocking() {
+            Ok(receiver) => receiver,
             Err(e) => return format!("cannot read the connection: {e}"),
         };
         *self.send_error.lock().unwrap() = None;
-        *self.socket.lock().unwrap() = Some(stream.clone());
+        *self.hangup.lock().unwrap() = Some(stream.clone());
         *self.wire.lock().await = Some(Wire {
             sender,
             stream: stream.clone(),
@@ -561,7 +561,6 @@ impl Inner {
         // its reply is decrypted: the kernel wakes it, and it answers the caller directly.
         let (ended_tx, ended) = smol::channel::bounded(1);
         let inner = self.clone();
-        let mut receiver = receiver.with_reader(reader);
         let spawned = std::thread::Builder::new()
             .name("dst-replies".into())
             .spawn(move || {
@@ -570,7 +569,7 @@ impl Inner {
             });
         if let Err(e) = spawned {
             let _ = stream.shutdown(Shutdown::Both);
-            *self.socket.lock().unwrap() = None;
+            *self.hangup.lock().unwrap() = None;
             *self.wire.lock().await = None;
             return format!("cannot start the reply reader: {e}");
         }
@@ -596,7 +595,7 @@ impl Inner {
         // the next one starts.
         let _ = stream.shutdown(Shutdown::Both);
         let _ = ended.recv().await;
-        *self.socket.lock().unwrap() = None;
+        *self.hangup.lock().unwrap() = None;
         *self.wire.lock().await = None;
         why
     }

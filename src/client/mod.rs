@@ -14,7 +14,8 @@ use std::io;
 
 use smol::net::TcpStream;
 
-use crate::channel::{self, ChannelError, Cipher, Receiver, Sender};
+use crate::channel::{self, ChannelError, Hangup, Receiver, Sender};
+use crate::cipher::Cipher;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::protocol::{
     self, features, Access, ExportInfo, Frame, Hello, Limits, Op, ReplyHeader, RequestHeader,
@@ -99,15 +100,14 @@ impl ClientError {
 pub struct Parts {
     pub sender: Sender<TcpStream>,
     pub receiver: Receiver<TcpStream>,
-    pub stream: TcpStream,
+    /// Shuts the connection down from outside a blocked send or receive.
+    pub hangup: Hangup,
     pub info: ExportInfo,
     pub limits: Limits,
 }
 
 /// One negotiated connection to an export.
 pub struct Connection {
-    /// The socket under the channel, kept to shut it down from outside a blocked send.
-    stream: TcpStream,
     tx: Sender<TcpStream>,
     rx: Receiver<TcpStream>,
     info: ExportInfo,
@@ -129,7 +129,7 @@ impl Connection {
         cfg.congestion.apply(&stream)?;
         let (mut tx, mut rx) = channel::connect(
             stream.clone(),
-            stream.clone(),
+            stream,
             &cfg.key,
             &cfg.server_key,
             cfg.cipher,
@@ -173,7 +173,6 @@ impl Connection {
             max_transfer: info.max_transfer,
         };
         Ok(Connection {
-            stream,
             tx,
             rx,
             info,
@@ -183,13 +182,13 @@ impl Connection {
         })
     }
 
-    /// The halves of the channel, the socket under them, what was negotiated, and the
-    /// limits to decode with.
+    /// The halves of the channel, a hangup for its connection, what was negotiated, and
+    /// the limits to decode with.
     pub fn into_parts(self) -> Parts {
         Parts {
+            hangup: self.tx.hangup(),
             sender: self.tx,
             receiver: self.rx,
-            stream: self.stream,
             info: self.info,
             limits: self.limits,
         }

@@ -1,7 +1,7 @@
 //! A connection's request reader, passed between its two reader threads. The one holding
-//! it reads; to run a request that may wait on the disk (an fsync) itself, it passes the
-//! reader on first, so requests that arrive meanwhile are still read and dispatched. The
-//! request runs without a worker to wake, and the other thread's wakeup is off its path.
+//! it reads; to run a request itself, it passes the reader on first, so requests that
+//! arrive meanwhile, and the client's leaving, are still read however long the disk takes.
+//! The request runs without a worker to wake, and the other thread's wakeup is off its path.
 
 use std::sync::{Condvar, Mutex};
 

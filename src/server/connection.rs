@@ -20,7 +20,6 @@ use super::reply_cache::ReplyCache;
 use super::session::Session;
 use super::sessions::{Ask, EndReason, Ended};
 use super::{negotiation, Shared};
-use crate::blocking::ThreadReader;
 use crate::channel::{self, FirstFlight, Sender};
 use crate::keys::PublicKey;
 use crate::protocol::{
@@ -117,7 +116,7 @@ impl Shared {
         slot: HandshakeSlot,
     ) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let handshake = self.clone().handshake(conn, stream.clone(), slot);
+        let handshake = self.clone().handshake(conn, stream, slot);
         let (tx, rx, session, _places) = match self.handshakers.spawn(handshake).await {
             Ok(v) => v,
             Err(Unopened::Evicted) => return,
@@ -136,6 +135,7 @@ impl Shared {
             session.export.name,
             session.access
         );
+        let hangup = tx.hangup();
         let replies = Replies::new(tx, self.pool.clone());
         session.attach(conn, replies.clone());
         self.sessions.lock().unwrap().attach(&session.id, conn);
@@ -151,8 +151,8 @@ impl Shared {
         // take turns (see `baton`), so that one can run a lone request itself.
         let (ended_tx, ended) = smol::channel::bounded(2);
         let (closing_tx, closing) = smol::channel::bounded::<()>(1);
-        let reader = ThreadReader::new(&stream).and_then(|reader| {
-            let baton = Arc::new(Baton::new(rx.with_reader(reader)));
+        let reader = rx.into_blocking().and_then(|rx| {
+            let baton = Arc::new(Baton::new(rx));
             for _ in 0..2 {
                 let (shared, session, baton) = (self.clone(), session.clone(), baton.clone());
                 let (closing, ended_tx) = (closing.clone(), ended_tx.clone());
@@ -179,12 +179,13 @@ impl Shared {
             }
             Err(e) => format!("cannot start a reader for the connection: {e}"),
         };
-        // The readers stop at once, blocked on the socket or on the window, and are waited
-        // for, so nothing more of this connection executes once it is detached. Replies
-        // already queued still go out.
+        // The readers stop at once, blocked on the socket or on the window; one running a
+        // request itself is not waited for, or a hung disk would keep the session attached
+        // to a client that is gone. What it runs is in the session's fence and reply cache,
+        // like any request executing: a successor waits for it, and a resend joins it.
+        // Replies already queued still go out.
         drop(closing_tx);
-        let _ = stream.shutdown(Shutdown::Read);
-        while ended.recv().await.is_ok() {}
+        let _ = hangup.shutdown(Shutdown::Read);
         session.detach(conn);
         self.sessions
             .lock()
@@ -261,8 +262,7 @@ impl Shared {
             })
             .await
             .map_err(|e| Unopened::Stranger(Kind::Failed, e.to_string()))?;
-        // A first message can be replayed: the client has proved its key only once a record
-        // of its own decrypts, so until then it is still a stranger.
+        // The client has proved its key: its first record decrypted in `accept`.
         let hello = match rx.recv(&NEGOTIATION_LIMITS).await {
             Ok(Some(Frame::Hello(h))) => h,
             Ok(Some(_)) => return Err(Unopened::Negotiation("first frame is not HELLO".into())),

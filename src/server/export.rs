@@ -8,6 +8,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -111,6 +112,9 @@ pub struct Export {
     pub checksums: Option<ChecksumTable>,
     /// FLUSHes waiting for the next fdatasync.
     flushes: Mutex<FlushGroup<FlushDone>>,
+    /// Bytes of the reads and writes that succeeded.
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
 }
 
 /// What a FLUSH does once its sync is done: answer with the status.
@@ -199,6 +203,8 @@ impl Export {
             write_lock: Mutex::new(()),
             checksums,
             flushes: Mutex::new(FlushGroup::default()),
+            read_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
         })
     }
 
@@ -224,7 +230,24 @@ impl Export {
             return self.flush(Box::new(move |status| done((status, Vec::new()))));
         }
         let fua = h.flags & FLAG_FUA != 0;
-        done(self.run(h.op, fua, h.offset, h.length, data, pool))
+        let outcome = self.run(h.op, fua, h.offset, h.length, data, pool);
+        if outcome.0 == 0 {
+            let moved = match h.op {
+                Op::Read => &self.read_bytes,
+                Op::Write => &self.written_bytes,
+                _ => return done(outcome),
+            };
+            moved.fetch_add(u64::from(h.length), Ordering::Relaxed);
+        }
+        done(outcome)
+    }
+
+    /// Bytes read and written so far by requests that succeeded.
+    pub fn moved(&self) -> (u64, u64) {
+        (
+            self.read_bytes.load(Ordering::Relaxed),
+            self.written_bytes.load(Ordering::Relaxed),
+        )
     }
 
     fn run(

@@ -43,6 +43,11 @@ impl<K: Hash + Eq + Clone> Tally<K> {
     pub fn max(&self) -> usize {
         self.max
     }
+
+    /// Places held, over all keys.
+    pub fn held(&self) -> usize {
+        self.counts.lock().unwrap().values().sum()
+    }
 }
 
 impl<K: Hash + Eq + Clone> Drop for Slot<K> {
@@ -71,6 +76,7 @@ mod tests {
         drop(a1);
         assert!(t.try_take(&"a").is_some());
         assert_eq!(t.counts.lock().unwrap().len(), 2);
+        assert_eq!(t.held(), 2);
     }
 
     #[test]

@@ -48,11 +48,12 @@ use std::time::{Duration, Instant};
 use smol::future::FutureExt;
 use smol::net::TcpListener;
 
-use crate::channel::Cipher;
+use crate::cipher::Cipher;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::pool::Pool;
 use crate::protocol::{self};
 use crate::socket::Congestion;
+use crate::units::human_bytes;
 use admission::{Handshakes, Rates, RefusalLog};
 use auth::AuthorizedKeys;
 use budget::Budget;
@@ -261,9 +262,9 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// A handle for reloading the allowlist while the server runs.
-    pub fn reloader(&self) -> Reloader {
-        Reloader(self.shared.clone())
+    /// A handle for reloading the allowlist and reading the status while the server runs.
+    pub fn control(&self) -> Control {
+        Control(self.shared.clone())
     }
 
     /// Serves until `stop` resolves, then finishes executing requests, syncs every
@@ -329,10 +330,33 @@ impl Server {
     }
 }
 
-/// Reloads the authorized keys of a running server (on SIGHUP, say).
-pub struct Reloader(Arc<Shared>);
+/// Reloads the authorized keys of a running server (on SIGHUP, say) and sums up its state.
+#[derive(Clone)]
+pub struct Control(Arc<Shared>);
 
-impl Reloader {
+impl Control {
+    /// One line for `systemctl status`: exports, sessions, connections, bytes moved.
+    pub fn status(&self) -> String {
+        let s = &self.0;
+        let (sessions, connected) = {
+            let table = s.sessions.lock().unwrap();
+            (table.len(), table.connected())
+        };
+        let (read, written) = s
+            .exports
+            .values()
+            .map(|e| e.moved())
+            .fold((0, 0), |(r, w), (er, ew)| (r + er, w + ew));
+        format!(
+            "{} exports, {sessions} sessions ({connected} connected), {} connections; \
+             {} read, {} written",
+            s.exports.len(),
+            s.connections.held(),
+            human_bytes(read),
+            human_bytes(written)
+        )
+    }
+
     /// Reads the authorized keys file again; new connections see the new list, and a key
     /// that is gone can no longer open or resume a session. On error the old list stays.
     pub fn reload(&self) -> Result<usize, String> {

@@ -242,7 +242,8 @@ mod tests {
     use super::super::budget::{Bounds, Budget};
     use super::*;
     use crate::channel::testing::pair;
-    use crate::channel::{Cipher, Receiver};
+    use crate::channel::Receiver;
+    use crate::cipher::Cipher;
     use crate::protocol::{Frame, Limits};
     use smol::net::unix::UnixStream;
     use std::time::{Duration, Instant};

@@ -15,7 +15,7 @@ use super::session::Session;
 use super::{fair, Shared};
 use crate::blocking::ThreadReader;
 use crate::channel::{self, OwnedFrame};
-use crate::protocol::{Access, Head, Limits, Op, ReplyHeader, RequestHeader, FLAG_FUA};
+use crate::protocol::{Access, Head, Limits, Op, ReplyHeader, RequestHeader};
 
 /// Budget a request holds at least: what its reply costs to queue.
 const REPLY_COST: usize = 128;
@@ -37,6 +37,10 @@ impl Shared {
             return "closing".into();
         };
         loop {
+            // A connection that is closing reads nothing more, even what its buffers hold.
+            if closing.is_closed() {
+                return "closing".into();
+            }
             // Every request holds room in the budget until its reply is sent, taken before
             // its payload is read: a peer that floods requests and never reads replies is
             // throttled (its socket is not read), not buffered.
@@ -135,15 +139,12 @@ impl Shared {
                 pool.put(data);
             };
             // A lone request is latency-bound (the write, then the flush, of an fsync): run
-            // it here rather than wake a worker for it. A write into the page cache is
-            // quick, so this thread reads on after it; before what may wait on the disk
-            // (reads, flushes, FUA), the other reader takes over. What has company,
-            // executing or already received, goes to the workers.
-            let quick = h.op == Op::Write && h.flags & FLAG_FUA == 0;
+            // it here rather than wake a worker for it. The other reader takes over first,
+            // even for a write into the page cache: a disk that hangs would otherwise leave
+            // the socket unread, and the client's leaving unseen, until it came back. What
+            // has company, executing or already received, goes to the workers.
             if !(alone && rx.is_drained()) {
                 self.workers.spawn(flow, cost, job);
-            } else if quick {
-                job();
             } else {
                 baton.put(rx);
                 job();

@@ -219,6 +219,14 @@ impl<V: Clone> SessionTable<V> {
         self.entries.len()
     }
 
+    /// Sessions that have a connection now; the others linger.
+    pub fn connected(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.connection.is_some())
+            .count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dst::channel::Cipher;
+use dst::cipher::Cipher;
 use dst::client::{ClientConfig, Connection};
 use dst::keys::PrivateKey;
 use dst::protocol::Access;
@@ -80,6 +80,11 @@ impl Setup {
 
     /// Starts `dst-server` listening on `addr`, as a restarted server would.
     pub fn server_at(&self, addr: SocketAddr, args: &[&str]) -> ServerProcess {
+        ServerProcess::spawn(self.server_command(addr, args))
+    }
+
+    /// The command that starts `dst-server` on `addr` with this setup's keys and `args`.
+    pub fn server_command(&self, addr: SocketAddr, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dst-server"));
         cmd.arg("--key")
             .arg(self.path("server.key"))
@@ -89,7 +94,7 @@ impl Setup {
             .arg(addr.to_string())
             .args(args)
             .current_dir(self.dir.path());
-        ServerProcess::spawn(cmd)
+        cmd
     }
 }
 
@@ -101,7 +106,8 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn spawn(mut cmd: Command) -> ServerProcess {
+    /// Starts `cmd` (see [`Setup::server_command`]) and waits until it listens.
+    pub fn spawn(mut cmd: Command) -> ServerProcess {
         cmd.env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -1,0 +1,131 @@
+//! dst-server under a service manager: what it tells systemd through `NOTIFY_SOCKET`
+//! (a datagram socket the test binds, as systemd would), and its log lines when stderr
+//! is the journal (`JOURNAL_STREAM` naming that stream).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::Setup;
+
+/// The next notification, as its `KEY=VALUE` lines.
+fn next(socket: &UnixDatagram) -> Vec<String> {
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("dst-server notified the service manager in time");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits for a notification that has `line`, skipping status updates.
+fn expect(socket: &UnixDatagram, line: &str) -> Vec<String> {
+    loop {
+        let got = next(socket);
+        if got.iter().any(|l| l == line) {
+            return got;
+        }
+        assert!(
+            got.iter().all(|l| l.starts_with("STATUS=")),
+            "expected {line}, got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn the_server_tells_systemd_it_is_ready_reloading_and_stopping() {
+    let s = Setup::new();
+    let path = s.path("notify");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cmd = s.server_command(
+        "127.0.0.1:0".parse().unwrap(),
+        &["--export", "disk=disk.img", "--create-size", "1M"],
+    );
+    cmd.env("NOTIFY_SOCKET", &path);
+    let mut server = common::ServerProcess::spawn(cmd);
+
+    let ready = expect(&socket, "READY=1");
+    let status = ready.iter().find(|l| l.starts_with("STATUS=")).unwrap();
+    assert!(
+        status.contains("listening on") && status.contains("1 exports"),
+        "{status}"
+    );
+
+    common::mount::kill(server.pid(), libc::SIGHUP);
+    let reloading = expect(&socket, "RELOADING=1");
+    assert!(
+        reloading.iter().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "systemd 253 and later want the time with RELOADING: {reloading:?}"
+    );
+    expect(&socket, "READY=1");
+
+    common::mount::kill(server.pid(), libc::SIGTERM);
+    expect(&socket, "STOPPING=1");
+    assert!(server.stop(libc::SIGTERM).success());
+}
+
+/// A dst-server whose stderr is a pipe the test made, killed by PID when dropped.
+struct Piped(Child);
+
+impl Drop for Piped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn on_the_journal_lines_carry_syslog_priorities_and_no_timestamp() {
+    let s = Setup::new();
+    let (reader, writer) = std::io::pipe().unwrap();
+    let meta = std::fs::File::from(std::os::fd::OwnedFd::from(writer.try_clone().unwrap()))
+        .metadata()
+        .unwrap();
+    let mut cmd = s.server_command(
+        "127.0.0.1:0".parse().unwrap(),
+        &["--export", "disk=disk.img", "--create-size", "1M"],
+    );
+    cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(writer);
+    let server = Piped(cmd.spawn().unwrap());
+    // Only the child holds the pipe's write end now: its exit ends the reading.
+    drop(cmd);
+    let mut lines = BufReader::new(reader).lines().map_while(Result::ok);
+    let mut read_until = |needle: &str| {
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let found = line.contains(needle);
+            seen.push(line);
+            if found {
+                return seen;
+            }
+        }
+        panic!("dst-server never logged '{needle}': {seen:?}");
+    };
+    for line in read_until("listening on") {
+        assert!(
+            line.starts_with("<6>dst"),
+            "not an info line for the journal: {line}"
+        );
+        assert!(!line.contains("Z "), "a timestamp of its own: {line}");
+    }
+    // An authorized_keys that does not parse: the reload fails with an error line.
+    s.authorize("this is not a key\n");
+    common::mount::kill(server.0.id() as i32, libc::SIGHUP);
+    let error = read_until("keeping the old authorized keys").pop().unwrap();
+    assert!(
+        error.starts_with("<3>dst"),
+        "not an error line for the journal: {error}"
+    );
+}
