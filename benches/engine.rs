@@ -3,6 +3,9 @@
 //! - `table`: the pure transaction table (`dst::client::table::Table`) alone, in
 //!   insert → next_to_send → complete cycles with a fixed number in flight, as ns per
 //!   transaction;
+//! - `core`: the engine's pure state machine (`dst::client::core::Core`), the table
+//!   with admission, durability accounting, link health and counters around it, in
+//!   submit → poll_transmit → on_reply cycles, as ns per transaction;
 //! - `engine`: the whole engine end to end, against a `dst::server::Server` run in this
 //!   process on 127.0.0.1 (TCP, the Noise channel with the cipher a mount would pick, the
 //!   server's threads, a sparse 1 GiB image in `TMPDIR`): tasks issuing 4 KiB and 1 MiB
@@ -10,7 +13,7 @@
 //!   rate, not latency) and MB/s.
 //!
 //! Run with `cargo bench --bench engine`; `cargo bench --bench engine -- table` (or
-//! `engine`) runs one part. Each engine workload runs for `DST_BENCH_SECS` seconds
+//! `core`, `engine`) runs one part. Each engine workload runs for `DST_BENCH_SECS` seconds
 //! (default 5, fractions allowed).
 
 use std::collections::VecDeque;
@@ -22,11 +25,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dst::cipher::Cipher;
+use dst::client::core::{self, Core, CoreConfig};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::table::{Table, Tx, Window};
 use dst::client::ClientConfig;
 use dst::keys::{PrivateKey, PublicKey};
-use dst::protocol::{Access, Op};
+use dst::protocol::{Access, ExportInfo, Op};
 use dst::server::auth::AuthorizedKeys;
 use dst::server::{Config, Server};
 use dst::socket::Congestion;
@@ -34,6 +38,7 @@ use dst::socket::Congestion;
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 1 << 30;
+/// Transactions a pure part (`table`, `core`) runs through at each queue depth.
 const TABLE_CYCLES: u64 = 1_000_000;
 
 fn main() {
@@ -49,6 +54,15 @@ fn main() {
             let ns = took.as_secs_f64() * 1e9 / TABLE_CYCLES as f64;
             println!(
                 "table   insert+send+complete QD{in_flight:<4} {ns:>8.1} ns/tx  ({TABLE_CYCLES} tx)"
+            );
+        }
+    }
+    if wanted("core") {
+        for in_flight in [32, 128] {
+            let took = core_cycles(in_flight, TABLE_CYCLES);
+            let ns = took.as_secs_f64() * 1e9 / TABLE_CYCLES as f64;
+            println!(
+                "core    submit+send+reply    QD{in_flight:<4} {ns:>8.1} ns/tx  ({TABLE_CYCLES} tx)"
             );
         }
     }
@@ -91,6 +105,62 @@ fn table_cycles(in_flight: usize, cycles: u64) -> Duration {
     }
     let took = start.elapsed();
     assert!(table.is_empty());
+    took
+}
+
+/// Runs `cycles` transactions through the engine's core as [`table_cycles`] does through
+/// the table: submitted, taken for sending, and answered oldest first once the window is
+/// full, reading the clock once a transaction.
+fn core_cycles(in_flight: usize, cycles: u64) -> Duration {
+    let cfg = CoreConfig {
+        resend_timeout: EngineConfig::DEFAULT_RESEND_TIMEOUT,
+        resend_count: EngineConfig::DEFAULT_RESEND_COUNT,
+        ping_interval: EngineConfig::DEFAULT_PING_INTERVAL,
+        window: Window {
+            requests: in_flight,
+            bytes: 64 << 20,
+        },
+    };
+    let info = ExportInfo {
+        version: 1,
+        export: "disk".into(),
+        access: Access::ReadWrite,
+        session: [0; 16],
+        resumed: false,
+        boot_id: "boot".into(),
+        size: IMAGE,
+        block_size: 4096,
+        max_transfer: MIB as u32,
+        features: 0,
+    };
+    let mut core = Core::new(cfg, &info, Instant::now());
+    let mut ids = VecDeque::with_capacity(in_flight);
+    let mut batch = Vec::with_capacity(1);
+    let len = 4 * KIB as u32;
+    let start = Instant::now();
+    for i in 0..cycles {
+        let now = Instant::now();
+        if ids.len() == in_flight {
+            let id = ids.pop_front().expect("a full window holds some");
+            let done = core.on_reply(now, id, 0, len as usize);
+            black_box(done.expect("still in flight"));
+        }
+        let tx = core::request(Op::Read, 0, i * len as u64, len, Vec::new(), now, ());
+        core.submit(now, tx).expect("the window has room");
+        batch.clear();
+        core.poll_transmit(now, &mut batch, usize::MAX);
+        ids.push_back(batch[0].0.txid);
+        black_box(&batch);
+    }
+    let now = Instant::now();
+    for id in ids {
+        black_box(
+            core.on_reply(now, id, 0, len as usize)
+                .expect("still in flight"),
+        );
+    }
+    let took = start.elapsed();
+    assert_eq!(core.stats().in_flight, 0);
     took
 }
 

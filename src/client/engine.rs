@@ -1,18 +1,20 @@
-//! The client transaction engine: every read, write, flush and trim is a transaction that
-//! lives until the export node acks it.
+//! The client transaction engine's driver: every read, write, flush and trim is a
+//! transaction that lives until the export node acks it. The decisions — admission into
+//! the window, resends, pings, reconnect backoff, durability — are the [`Core`]'s; this
+//! module does the I/O and the waiting around it, calling the core under one lock.
 //!
 //! Callers submit concurrently and wait for room in the window rather than grow memory.
 //! A request alone in flight is encrypted and sent by the thread that submits it, so it
 //! reaches the socket without waking another thread; with company, a writer task sends
 //! everything queued in one batch, along with resends and pings. One driver task keeps a
 //! connection: a reader thread resolves transactions from replies and calls their
-//! completions right there, and a watchdog pings an idle connection and declares it dead
-//! when a ping goes unanswered. A lost connection is re-established with backoff, the
-//! session resumed, and every unacked transaction sent again; the server's reply cache
-//! makes those resends execute at most once. A timer resends what is not acked within the
-//! resend timeout and fails it with EIO after the resend count.
+//! completions right there. A timer task wakes when the core says and lets it resend,
+//! fail, ping or declare the connection dead. A lost connection is re-established when
+//! the core's backoff says, the session resumed, and every unacked transaction sent
+//! again; the server's reply cache makes those resends execute at most once. The awaited
+//! operations, split into as many transactions as the server's limits require, are in
+//! `ops`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,26 +22,25 @@ use event_listener::Event;
 use smol::future::FutureExt;
 use smol::net::{Shutdown, TcpStream};
 
+use super::core::{self, Blocked, Core, CoreConfig, Failures, Request};
 use super::stats::Stats;
-use super::table::{Table, Tx, Window};
+use super::table::Window;
 use super::{ClientConfig, ClientError, Connection, Parts};
 use crate::blocking::ThreadReader;
 use crate::channel::{Hangup, Outgoing, OwnedFrame, Receiver, Sender};
 use crate::pool::Pool;
-use crate::protocol::{self, ExportInfo, Head, Limits, Op, RequestHeader, SessionId, FLAG_FUA};
+use crate::protocol::{self, ExportInfo, Head, Limits, Op, RequestHeader, FLAG_FUA};
 
-/// Transaction id of pings; they live outside the table and never reach the reply cache.
-const PING_TXID: u64 = u64::MAX;
+mod ops;
+
 /// Requests encoded into one channel send, at most (beyond the first).
 const SEND_BATCH: usize = 1 << 20;
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bytes of idle buffers the pool keeps at most.
 const POOL_BYTES: usize = 16 << 20;
 /// Read replies from this size on are handed to their callers on an executor thread.
 const HANDOFF_BYTES: usize = 64 << 10;
-/// Largest trim or write-zeroes range in one transaction.
-const RANGE_CHUNK: u64 = 1 << 30;
+/// Shortest sleep of the timer: deadlines a hair apart are met in one wake-up.
+const TIMER_MIN: Duration = Duration::from_millis(1);
 
 /// How the engine connects and how patient it is.
 #[derive(Debug, Clone)]
@@ -85,13 +86,6 @@ pub type Outcome = Result<Vec<u8>, i32>;
 /// Called once with a transaction's outcome, on whichever thread resolves it.
 type Done = Box<dyn FnOnce(Outcome) + Send>;
 
-/// Who waits for a transaction, and for a flush what it covers.
-struct Waiter {
-    done: Done,
-    /// For a flush: the count of changes acked before it was submitted.
-    covers: u64,
-}
-
 /// The sending half of the current connection, taken by whichever thread sends.
 struct Wire {
     sender: Sender<TcpStream>,
@@ -109,44 +103,22 @@ pub struct Engine {
 struct Inner {
     cfg: EngineConfig,
     info: ExportInfo,
-    state: Mutex<State>,
+    state: Mutex<Core<Done>>,
     /// Something was queued for sending.
     queued: Event,
     /// The window has room, or the table emptied.
     room: Event,
-    closing: AtomicBool,
+    /// The core's next wake-up may be earlier than the timer sleeps (a new connection),
+    /// or the engine is closing.
+    rewake: Event,
     pool: Pool,
     driver: Mutex<Option<smol::Task<()>>>,
     /// `None` while there is no connection.
     wire: smol::lock::Mutex<Option<Wire>>,
-    /// The watchdog wants a ping sent.
-    ping_due: AtomicBool,
-    /// Why sending failed on the current connection, if it did.
+    /// Hangs up the current connection, for ending it from outside its tasks.
+    hangup: Mutex<Option<Hangup>>,
+    /// Why the current connection failed or was ended, if it was.
     send_error: Mutex<Option<String>>,
-}
-
-struct State {
-    table: Table<Waiter>,
-    session: SessionId,
-    stats: Stats,
-    /// Set when the export can no longer be used (it changed under us): every request fails.
-    fatal: Option<i32>,
-    /// Changes (writes, trims, zeroings) acked so far, and how many of them a flush covered.
-    acked_changes: u64,
-    flushed_changes: u64,
-    /// The export node's boot, as last seen.
-    boot_id: String,
-    /// The export node rebooted while acked changes were not flushed: the next flush
-    /// reports EIO, as a disk that lost its write cache would.
-    lost_unflushed: bool,
-    /// Since when the engine has had no connection, if it has none.
-    down_since: Option<Instant>,
-}
-
-/// State of one connection, shared by its reader and watchdog.
-struct Link {
-    last_heard: Mutex<Instant>,
-    ping_sent: Mutex<Option<Instant>>,
 }
 
 impl Engine {
@@ -155,38 +127,33 @@ impl Engine {
     pub async fn start(cfg: EngineConfig) -> Result<Engine, ClientError> {
         let conn = Connection::connect(&cfg.client, None).await?;
         let info = conn.info().clone();
-        let window = Window {
-            requests: cfg.window_requests.max(1),
-            bytes: cfg.window_bytes,
+        let core_cfg = CoreConfig {
+            resend_timeout: cfg.resend_timeout,
+            resend_count: cfg.resend_count,
+            ping_interval: cfg.ping_interval,
+            window: Window {
+                requests: cfg.window_requests.max(1),
+                bytes: cfg.window_bytes,
+            },
         };
         let inner = Arc::new(Inner {
             // Enough buffers for a steady stream of the largest writes; beyond that the
             // allocator does as well, and resident memory stays lower.
             pool: Pool::new(cfg.window_bytes.min(POOL_BYTES)),
-            state: Mutex::new(State {
-                table: Table::new(window),
-                session: info.session,
-                stats: Stats::default(),
-                fatal: None,
-                acked_changes: 0,
-                flushed_changes: 0,
-                boot_id: info.boot_id.clone(),
-                lost_unflushed: false,
-                down_since: None,
-            }),
+            state: Mutex::new(Core::new(core_cfg, &info, Instant::now())),
             cfg,
             info,
             queued: Event::new(),
             room: Event::new(),
-            closing: AtomicBool::new(false),
+            rewake: Event::new(),
             driver: Mutex::new(None),
             wire: smol::lock::Mutex::new(None),
-            ping_due: AtomicBool::new(false),
+            hangup: Mutex::new(None),
             send_error: Mutex::new(None),
         });
         let driver = smol::spawn(inner.clone().drive(conn));
         *inner.driver.lock().unwrap() = Some(driver);
-        smol::spawn(inner.clone().expire_loop()).detach();
+        smol::spawn(inner.clone().timer()).detach();
         Ok(Engine { inner })
     }
 
@@ -195,66 +162,10 @@ impl Engine {
         &self.inner.info
     }
 
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, i32> {
-        let max = self.inner.info.max_transfer;
-        let mut pending = Vec::new();
-        for (off, n) in chunks(offset, len as u64, max as u64) {
-            pending.push(
-                self.inner
-                    .submit(Op::Read, 0, off, n as u32, Vec::new())
-                    .await?,
-            );
-        }
-        let mut out = Vec::with_capacity(len as usize);
-        for rx in pending {
-            let data = wait(rx).await?;
-            if out.is_empty() {
-                out = data;
-            } else {
-                out.extend_from_slice(&data);
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), i32> {
-        let max = self.inner.info.max_transfer as usize;
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let mut pending = Vec::new();
-        for (i, part) in data.chunks(max).enumerate() {
-            let buf = self.inner.pool.copy_of(part);
-            let off = offset + (i * max) as u64;
-            pending.push(
-                self.inner
-                    .submit(Op::Write, flags, off, part.len() as u32, buf)
-                    .await?,
-            );
-        }
-        wait_all(pending).await
-    }
-
     /// A copy of `data` in a buffer from the engine's pool, for [`Engine::write_buffer`]:
     /// a caller whose data lives in a borrowed buffer copies it once, here.
     pub fn buffer(&self, data: &[u8]) -> Vec<u8> {
         self.inner.pool.copy_of(data)
-    }
-
-    /// Writes a buffer the engine keeps until the write is acked (for resends), then
-    /// returns to its pool; no further copy unless it is over the maximum transfer.
-    pub async fn write_buffer(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), i32> {
-        if data.len() > self.inner.info.max_transfer as usize {
-            // The server granted less than the caller's writes: split, copying the parts.
-            let result = self.write(offset, &data, fua).await;
-            self.recycle(data);
-            return result;
-        }
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let len = data.len() as u32;
-        let rx = self
-            .inner
-            .submit(Op::Write, flags, offset, len, data)
-            .await?;
-        wait(rx).await.map(drop)
     }
 
     /// Gives the buffer of a finished read back to the pool.
@@ -303,8 +214,7 @@ impl Engine {
     /// Enters a transaction and sends it from this thread if the window has room; else a
     /// task waits for room.
     fn begin(&self, op: Op, flags: u8, offset: u64, length: u32, data: Vec<u8>, done: Done) {
-        let waiter = Waiter { done, covers: 0 };
-        let tx = Tx::new(op, flags, offset, length, data, Instant::now(), waiter);
+        let tx = core::request(op, flags, offset, length, data, Instant::now(), done);
         match self.inner.try_enter(tx) {
             // Alone in flight, it is latency-bound: sending here saves waking the writer.
             // Otherwise the writer sends it with what gathers meanwhile, in one batch, and
@@ -313,12 +223,12 @@ impl Engine {
             Ok(false) => {
                 self.inner.queued.notify(1);
             }
-            Err(Blocked::Failed(errno, tx)) => (tx.waiter.done)(Err(errno)),
+            Err(Blocked::Failed(errno, done)) => done(Err(errno)),
             Err(Blocked::NoRoom(tx)) => {
                 let inner = self.inner.clone();
                 smol::spawn(async move {
-                    if let Err((errno, tx)) = inner.enter(tx).await {
-                        (tx.waiter.done)(Err(errno));
+                    if let Err((errno, done)) = inner.enter(tx).await {
+                        done(Err(errno));
                     }
                 })
                 .detach();
@@ -326,47 +236,17 @@ impl Engine {
         }
     }
 
-    /// Returns once every write acked before it is on stable storage on the export node.
-    pub async fn flush(&self) -> Result<(), i32> {
-        let rx = self.inner.submit(Op::Flush, 0, 0, 0, Vec::new()).await?;
-        wait(rx).await.map(drop)
-    }
-
-    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), i32> {
-        self.range_op(Op::Trim, 0, offset, len).await
-    }
-
-    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), i32> {
-        self.range_op(Op::WriteZeroes, if fua { FLAG_FUA } else { 0 }, offset, len)
-            .await
-    }
-
-    async fn range_op(&self, op: Op, flags: u8, offset: u64, len: u64) -> Result<(), i32> {
-        let mut pending = Vec::new();
-        for (off, n) in chunks(offset, len, RANGE_CHUNK) {
-            pending.push(
-                self.inner
-                    .submit(op, flags, off, n as u32, Vec::new())
-                    .await?,
-            );
-        }
-        wait_all(pending).await
-    }
-
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        let st = self.inner.state.lock().unwrap();
-        let mut stats = st.stats.clone();
-        stats.in_flight = st.table.len();
-        stats.in_flight_bytes = st.table.bytes();
-        stats
+        self.inner.state.lock().unwrap().stats()
     }
 
     /// Waits until every transaction is acked or failed, then disconnects.
     pub async fn close(&self) {
-        self.inner.closing.store(true, Ordering::SeqCst);
+        self.inner.state.lock().unwrap().close();
         self.inner.room.notify(usize::MAX);
         self.inner.queued.notify(usize::MAX);
+        self.inner.rewake.notify(usize::MAX);
         let driver = self.inner.driver.lock().unwrap().take();
         if let Some(driver) = driver {
             driver.await;
@@ -374,50 +254,7 @@ impl Engine {
     }
 }
 
-/// Whether a reconnect found the export node rebooted with acked changes unflushed: its
-/// page cache, which held them, is gone. A restarted server process keeps the page cache.
-fn rebooted(last_boot: &str, info: &ExportInfo, unflushed: bool) -> bool {
-    unflushed && !info.resumed && !info.boot_id.is_empty() && info.boot_id != last_boot
-}
-
-/// Splits `len` bytes at `offset` into pieces of at most `max`.
-fn chunks(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
-    let count = len.div_ceil(max).max(1);
-    (0..count).map(move |i| (offset + i * max, (len - i * max).min(max)))
-}
-
-/// Why a transaction could not enter the table at once.
-enum Blocked {
-    /// The window is full: wait for room.
-    NoRoom(Tx<Waiter>),
-    /// It must fail with this errno.
-    Failed(i32, Tx<Waiter>),
-}
-
-async fn wait(rx: smol::channel::Receiver<Outcome>) -> Outcome {
-    rx.recv().await.unwrap_or(Err(libc::EIO))
-}
-
-async fn wait_all(pending: Vec<smol::channel::Receiver<Outcome>>) -> Result<(), i32> {
-    let mut result = Ok(());
-    for rx in pending {
-        if let Err(e) = wait(rx).await {
-            result = result.and(Err(e));
-        }
-    }
-    result
-}
-
 impl Inner {
-    fn timeout(&self) -> Duration {
-        self.cfg.resend_timeout
-    }
-
-    /// How long a transaction waits in all before it fails.
-    fn resend_budget(&self) -> Duration {
-        self.cfg.resend_timeout * (self.cfg.resend_count + 1)
-    }
-
     /// Enters a transaction, waiting for room in the window, and sends it; returns where
     /// its outcome arrives.
     async fn submit(
@@ -429,24 +266,21 @@ impl Inner {
         data: Vec<u8>,
     ) -> Result<smol::channel::Receiver<Outcome>, i32> {
         let (sender, outcome) = smol::channel::bounded(1);
-        let waiter = Waiter {
-            done: Box::new(move |o| {
-                let _ = sender.try_send(o);
-            }),
-            covers: 0,
-        };
-        let tx = Tx::new(op, flags, offset, length, data, Instant::now(), waiter);
+        let done: Done = Box::new(move |o| {
+            let _ = sender.try_send(o);
+        });
+        let tx = core::request(op, flags, offset, length, data, Instant::now(), done);
         self.enter(tx).await.map_err(|(errno, _)| errno)?;
         Ok(outcome)
     }
 
     /// Enters a transaction once the window has room, and sends it.
-    async fn enter(&self, mut tx: Tx<Waiter>) -> Result<(), (i32, Tx<Waiter>)> {
+    async fn enter(&self, mut tx: Request<Done>) -> Result<(), (i32, Done)> {
         let alone = loop {
             let room = self.room.listen();
             match self.try_enter(tx) {
                 Ok(alone) => break alone,
-                Err(Blocked::Failed(errno, tx)) => return Err((errno, tx)),
+                Err(Blocked::Failed(errno, done)) => return Err((errno, done)),
                 Err(Blocked::NoRoom(back)) => tx = back,
             }
             room.await;
@@ -459,33 +293,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Enters a transaction if the window has room now; true if it is the only one in
+    /// Enters a transaction if the core admits it now; true if it is the only one in
     /// flight.
-    fn try_enter(&self, mut tx: Tx<Waiter>) -> Result<bool, Blocked> {
-        let mut st = self.state.lock().unwrap();
-        if let Some(e) = st.fatal {
-            return Err(Blocked::Failed(e, tx));
-        }
-        // Down for longer than a transaction may wait: it would only wait the whole
-        // resend budget to fail, so fail now (an array above can go on degraded).
-        if st
-            .down_since
-            .is_some_and(|t| t.elapsed() > self.resend_budget())
-        {
-            return Err(Blocked::Failed(libc::EIO, tx));
-        }
-        if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
-            return Err(Blocked::Failed(libc::ESHUTDOWN, tx));
-        }
-        if !st.table.has_room(tx.cost()) {
-            return Err(Blocked::NoRoom(tx));
-        }
-        tx.submitted = Instant::now();
-        tx.waiter.covers = st.acked_changes;
-        st.table.insert(tx, self.timeout());
-        st.stats.requests += 1;
-        st.stats.max_in_flight_bytes = st.stats.max_in_flight_bytes.max(st.table.bytes());
-        Ok(st.table.len() == 1)
+    fn try_enter(&self, tx: Request<Done>) -> Result<bool, Blocked<Done>> {
+        self.state.lock().unwrap().submit(Instant::now(), tx)
     }
 
     /// Sends everything queued, unless another thread is sending (it sends ours too) or
@@ -502,15 +313,14 @@ impl Inner {
                 while self.send_batch(wire).await {}
             }
             // Queued by a thread that found the wire taken just before it was let go.
-            let queued = self.state.lock().unwrap().table.has_queued();
-            if !queued && !self.ping_due.load(Ordering::SeqCst) {
+            if !self.state.lock().unwrap().wants_send() {
                 return;
             }
         }
     }
 
-    /// Encrypts and sends one batch of queued transactions; false once nothing was left
-    /// or sending failed (which ends the connection).
+    /// Encrypts and sends one batch of what the core has to send; false once nothing was
+    /// left or sending failed (which ends the connection).
     async fn send_batch(&self, wire: &mut Wire) -> bool {
         let Wire {
             sender,
@@ -519,37 +329,14 @@ impl Inner {
             batch,
         } = wire;
         batch.clear();
-        let ping = self.ping_due.swap(false, Ordering::SeqCst);
-        let floor = {
-            let mut st = self.state.lock().unwrap();
-            let now = Instant::now();
-            let mut bytes = 0;
-            while bytes < SEND_BATCH {
-                match st.table.next_to_send(now, self.timeout()) {
-                    Some((h, data)) => {
-                        bytes += data.len() + protocol::REQUEST_HEADER;
-                        batch.push((h, data));
-                    }
-                    None => break,
-                }
-            }
-            st.table.floor()
-        };
-        if batch.is_empty() && !ping {
+        self.state
+            .lock()
+            .unwrap()
+            .poll_transmit(Instant::now(), batch, SEND_BATCH);
+        if batch.is_empty() {
             return false;
         }
         out.clear();
-        if ping {
-            let h = RequestHeader {
-                op: Op::Ping,
-                flags: 0,
-                txid: PING_TXID,
-                floor,
-                offset: 0,
-                length: 0,
-            };
-            protocol::encode_request(out.staged(), &h, &[]);
-        }
         for (i, (h, data)) in batch.iter().enumerate() {
             if data.len() < Outgoing::INLINE {
                 protocol::encode_request(out.staged(), h, data);
@@ -573,104 +360,90 @@ impl Inner {
         }
     }
 
-    /// Resolves an acked transaction.
-    fn complete(&self, txid: u64, mut status: u32, data: Vec<u8>) {
-        let tx = {
-            let mut st = self.state.lock().unwrap();
-            let Some(tx) = st.table.complete(txid) else {
-                self.pool.put(data);
-                return;
-            };
-            if status == 0 && tx.op.modifies() {
-                st.acked_changes += 1;
-            }
-            if status == 0 && tx.op == Op::Flush {
-                if st.lost_unflushed {
-                    st.lost_unflushed = false;
-                    status = libc::EIO as u32;
-                    log::error!(
-                        "flush failed: the export node rebooted after acking writes that no flush \
-                         covered; they may be lost"
-                    );
-                } else {
-                    st.flushed_changes = st.flushed_changes.max(tx.waiter.covers);
-                }
-            }
-            st.stats.latency.record(tx.submitted.elapsed());
-            match (tx.op, status) {
-                (Op::Read, 0) => st.stats.bytes_read += data.len() as u64,
-                (Op::Write, 0) => st.stats.bytes_written += tx.length as u64,
-                (_, 0) => {}
-                _ => st.stats.failures += 1,
-            }
-            tx
+    /// Hands a reply to the core, and completes the transaction it resolves, if any.
+    fn complete(&self, txid: u64, status: u32, data: Vec<u8>) {
+        let resolved =
+            self.state
+                .lock()
+                .unwrap()
+                .on_reply(Instant::now(), txid, status, data.len());
+        let Some(done) = resolved else {
+            self.pool.put(data);
+            return;
         };
         self.room.notify(usize::MAX);
-        let outcome = match status {
-            0 => Ok(data),
-            _ => {
+        let outcome = match done.result {
+            Ok(()) => Ok(data),
+            Err(errno) => {
                 self.pool.put(data);
-                Err(status as i32)
+                Err(errno)
             }
         };
+        let waiter = done.waiter;
         match &outcome {
             // Handing a large read to its caller is a copy as long as the decryption: on
             // another thread, the reader goes on decrypting the next reply meanwhile.
             Ok(data) if data.len() >= HANDOFF_BYTES => {
-                smol::spawn(async move { (tx.waiter.done)(outcome) }).detach();
+                smol::spawn(async move { waiter(outcome) }).detach();
             }
-            _ => (tx.waiter.done)(outcome),
+            _ => waiter(outcome),
         }
         // Unless a resend of it is being encrypted right now, the buffer is free again.
-        if let Ok(data) = Arc::try_unwrap(tx.data) {
+        if let Ok(data) = Arc::try_unwrap(done.data) {
             self.pool.put(data);
         }
     }
 
-    fn fail(&self, failed: Vec<(u64, Tx<Waiter>)>, errno: i32) {
+    fn fail(&self, failed: Failures<Done>) {
         if failed.is_empty() {
             return;
         }
-        self.state.lock().unwrap().stats.failures += failed.len() as u64;
-        for (id, tx) in failed {
-            log::error!(
-                "transaction {id} ({:?} at {}+{}) failed after {} resends",
-                tx.op,
-                tx.offset,
-                tx.length,
-                tx.resends
-            );
-            (tx.waiter.done)(Err(errno));
+        for (done, errno) in failed {
+            done(Err(errno));
         }
         self.room.notify(usize::MAX);
     }
 
-    /// Resends what is overdue and fails what is out of resends, until closed and empty.
-    async fn expire_loop(self: Arc<Self>) {
-        let tick = (self.timeout() / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    /// Ends the current connection, for `why`; the driver then reconnects.
+    fn cut(&self, why: String) {
+        self.send_error.lock().unwrap().get_or_insert(why);
+        if let Some(hangup) = self.hangup.lock().unwrap().as_ref() {
+            let _ = hangup.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lets the core resend, fail, ping and watch the connection whenever it has
+    /// something to decide, until closed and empty.
+    async fn timer(self: Arc<Self>) {
         loop {
-            smol::Timer::after(tick).await;
-            let expired = {
-                let mut st = self.state.lock().unwrap();
-                if self.closing.load(Ordering::SeqCst) && st.table.is_empty() {
+            let rewake = self.rewake.listen();
+            let at = {
+                let st = self.state.lock().unwrap();
+                if st.finished() {
                     return;
                 }
-                let e = st
-                    .table
-                    .expire(Instant::now(), self.timeout(), self.cfg.resend_count);
-                st.stats.resends += e.resent as u64;
-                e
+                st.next_wake()
             };
-            if expired.resent > 0 {
-                log::debug!("resending {} overdue transactions", expired.resent);
-                self.send_queued().await;
+            async {
+                smol::Timer::at(at.max(Instant::now() + TIMER_MIN)).await;
             }
-            self.fail(expired.failed, libc::EIO);
+            .or(rewake)
+            .await;
+            let tick = self.state.lock().unwrap().on_tick(Instant::now());
+            if let Some(why) = tick.dead {
+                self.cut(why);
+            }
+            // The writer sends: a send blocked on a stalled connection must not hold up
+            // the next tick, which may be the one that declares it dead.
+            if tick.send {
+                self.queued.notify(1);
+            }
+            self.fail(tick.failed);
         }
     }
 
     fn finished(&self) -> bool {
-        self.closing.load(Ordering::SeqCst) && self.state.lock().unwrap().table.is_empty()
+        self.state.lock().unwrap().finished()
     }
 
     /// Keeps a connection up and serves it, until closed with nothing left in flight.
@@ -685,11 +458,7 @@ impl Inner {
                 },
             };
             let why = self.serve(c).await;
-            {
-                let mut st = self.state.lock().unwrap();
-                st.stats.connected = false;
-                st.down_since = Some(Instant::now());
-            }
+            self.state.lock().unwrap().on_lost(Instant::now());
             if self.finished() {
                 break;
             }
@@ -701,81 +470,69 @@ impl Inner {
         log::debug!("engine for {} stopped", self.cfg.client.server);
     }
 
-    /// Connects again with backoff, resuming the session; `None` once there is nothing
-    /// left to do or the export changed.
+    /// Connects again when the core's backoff says, resuming the session; `None` once
+    /// there is nothing left to do or the export changed.
     async fn reconnect(&self) -> Option<Connection> {
-        let mut delay = BACKOFF_START;
-        let mut attempts = 0u32;
         loop {
-            if self.finished() {
-                return None;
+            let room = self.room.listen();
+            let (retry_at, session) = {
+                let st = self.state.lock().unwrap();
+                if st.finished() {
+                    return None;
+                }
+                (st.retry_at(), st.session())
+            };
+            if let Some(at) = retry_at.filter(|&at| at > Instant::now()) {
+                // Closing with nothing in flight ends the wait early.
+                async {
+                    smol::Timer::at(at).await;
+                }
+                .or(room)
+                .await;
+                continue;
             }
-            let session = self.state.lock().unwrap().session;
             let attempt =
                 async { Some(Connection::connect(&self.cfg.client, Some(session)).await) };
             let limit = async {
-                smol::Timer::after(self.timeout().max(Duration::from_secs(1))).await;
+                smol::Timer::after(self.cfg.resend_timeout.max(Duration::from_secs(1))).await;
                 None
             };
-            attempts += 1;
-            match attempt.or(limit).await {
+            let failure = match attempt.or(limit).await {
                 Some(Ok(c)) => {
-                    let info = c.info();
-                    if info.size != self.info.size || info.export != self.info.export {
-                        log::error!(
-                            "export '{}' changed on the server (size {} -> {}): refusing to continue; remount it",
-                            self.info.export,
-                            self.info.size,
-                            info.size
-                        );
-                        let failed = {
-                            let mut st = self.state.lock().unwrap();
-                            st.fatal = Some(libc::EIO);
-                            st.table.drain()
-                        };
-                        self.fail(failed, libc::EIO);
-                        return None;
-                    }
-                    let how = if info.resumed {
-                        "session resumed"
-                    } else {
-                        "the server lost the session; new session"
+                    let connected = self
+                        .state
+                        .lock()
+                        .unwrap()
+                        .on_connected(Instant::now(), c.info());
+                    return match connected {
+                        Ok(attempts) => {
+                            let how = if c.info().resumed {
+                                "session resumed"
+                            } else {
+                                "the server lost the session; new session"
+                            };
+                            log::info!(
+                                "reconnected to {} after {attempts} attempts ({how})",
+                                self.cfg.client.server
+                            );
+                            // The new connection is to be pinged when idle.
+                            self.rewake.notify(1);
+                            Some(c)
+                        }
+                        Err(failed) => {
+                            self.fail(failed);
+                            None
+                        }
                     };
-                    log::info!(
-                        "reconnected to {} after {attempts} attempts ({how})",
-                        self.cfg.client.server
-                    );
-                    let mut st = self.state.lock().unwrap();
-                    st.stats.reconnects += 1;
-                    st.down_since = None;
-                    st.session = info.session;
-                    let unflushed = st.acked_changes > st.flushed_changes;
-                    if rebooted(&st.boot_id, info, unflushed) {
-                        log::error!(
-                            "the export node rebooted: writes acked since the last flush may be \
-                             lost; the next flush reports EIO"
-                        );
-                        st.lost_unflushed = true;
-                    }
-                    st.boot_id = info.boot_id.clone();
-                    return Some(c);
                 }
-                Some(Err(e)) => log::debug!(
-                    "reconnect attempt {attempts} to {} failed: {e}",
-                    self.cfg.client.server
-                ),
-                None => log::debug!(
-                    "reconnect attempt {attempts} to {} timed out",
-                    self.cfg.client.server
-                ),
-            }
-            let room = self.room.listen();
-            let sleep = async {
-                smol::Timer::after(delay).await;
+                Some(Err(e)) => e.to_string(),
+                None => "timed out".to_string(),
             };
-            // Closing with nothing in flight ends the wait early.
-            sleep.or(room).await;
-            delay = (delay * 2).min(BACKOFF_MAX);
+            log::debug!(
+                "reconnect attempt to {} failed: {failure}",
+                self.cfg.client.server
+            );
+            self.state.lock().unwrap().on_connect_failed(Instant::now());
         }
     }
 
@@ -792,35 +549,27 @@ impl Inner {
             Ok(receiver) => receiver,
             Err(e) => return format!("cannot read the connection: {e}"),
         };
-        {
-            let mut st = self.state.lock().unwrap();
-            st.table.requeue_all();
-            st.stats.connected = true;
-        }
-        self.ping_due.store(false, Ordering::SeqCst);
         *self.send_error.lock().unwrap() = None;
+        *self.hangup.lock().unwrap() = Some(stream.clone());
         *self.wire.lock().await = Some(Wire {
             sender,
             stream: stream.clone(),
             out: Outgoing::default(),
             batch: Vec::new(),
         });
-        let link = Arc::new(Link {
-            last_heard: Mutex::new(Instant::now()),
-            ping_sent: Mutex::new(None),
-        });
         // Replies are read on a thread of their own, which completes each transaction as
         // its reply is decrypted: the kernel wakes it, and it answers the caller directly.
         let (ended_tx, ended) = smol::channel::bounded(1);
-        let (inner, reader_link) = (self.clone(), link.clone());
+        let inner = self.clone();
         let spawned = std::thread::Builder::new()
             .name("dst-replies".into())
             .spawn(move || {
-                let why = smol::block_on(inner.read_replies(&mut receiver, &limits, &reader_link));
+                let why = smol::block_on(inner.read_replies(&mut receiver, &limits));
                 let _ = ended_tx.send_blocking(why);
             });
         if let Err(e) = spawned {
             let _ = stream.shutdown(Shutdown::Both);
+            *self.hangup.lock().unwrap() = None;
             *self.wire.lock().await = None;
             return format!("cannot start the reply reader: {e}");
         }
@@ -839,18 +588,14 @@ impl Inner {
                 room.await;
             }
         };
-        let why = self
-            .write_requests()
-            .or(replies_ended)
-            .or(self.watchdog(&link))
-            .or(done)
-            .await;
+        let why = self.write_requests().or(replies_ended).or(done).await;
         let why = self.send_error.lock().unwrap().take().unwrap_or(why);
         // Threads blocked sending or reading on this connection let go once the socket is
         // shut; the reader is waited for, so nothing of this connection completes after
         // the next one starts.
         let _ = stream.shutdown(Shutdown::Both);
         let _ = ended.recv().await;
+        *self.hangup.lock().unwrap() = None;
         *self.wire.lock().await = None;
         why
     }
@@ -865,102 +610,18 @@ impl Inner {
         }
     }
 
-    async fn read_replies(
-        &self,
-        receiver: &mut Receiver<ThreadReader>,
-        limits: &Limits,
-        link: &Link,
-    ) -> String {
+    async fn read_replies(&self, receiver: &mut Receiver<ThreadReader>, limits: &Limits) -> String {
         loop {
             // Read data is decrypted straight into the buffer handed to the caller.
             match receiver.recv_owned(limits, &self.pool).await {
                 Ok(Some(OwnedFrame {
                     head: Head::Reply(h),
                     payload,
-                })) => {
-                    *link.last_heard.lock().unwrap() = Instant::now();
-                    *link.ping_sent.lock().unwrap() = None;
-                    if h.txid != PING_TXID {
-                        self.complete(h.txid, h.status, payload);
-                    }
-                }
+                })) => self.complete(h.txid, h.status, payload),
                 Ok(Some(_)) => return "the server sent a frame other than a reply".into(),
                 Ok(None) => return "closed by the server".into(),
                 Err(e) => return e.to_string(),
             }
         }
-    }
-
-    /// Pings when nothing was heard for a ping interval; a ping unanswered for another
-    /// interval ends the connection.
-    async fn watchdog(&self, link: &Link) -> String {
-        let interval = self.cfg.ping_interval;
-        let tick = (interval / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        loop {
-            smol::Timer::after(tick).await;
-            let now = Instant::now();
-            let mut ping_sent = link.ping_sent.lock().unwrap();
-            match *ping_sent {
-                Some(at) if now - at > interval => {
-                    return format!("no answer to a ping within {interval:?}");
-                }
-                Some(_) => {}
-                None if now - *link.last_heard.lock().unwrap() >= interval => {
-                    *ping_sent = Some(now);
-                    self.ping_due.store(true, Ordering::SeqCst);
-                    self.queued.notify(1);
-                }
-                None => {}
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{chunks, rebooted};
-    use crate::protocol::{Access, ExportInfo};
-
-    #[test]
-    fn only_a_reboot_with_unflushed_changes_counts_as_a_loss() {
-        let info = |boot: &str, resumed| ExportInfo {
-            version: 1,
-            export: "disk".into(),
-            access: Access::ReadWrite,
-            session: [0; 16],
-            resumed,
-            boot_id: boot.into(),
-            size: 1 << 20,
-            block_size: 4096,
-            max_transfer: 1 << 20,
-            features: 0,
-        };
-        assert!(rebooted("a", &info("b", false), true));
-        assert!(
-            !rebooted("a", &info("b", false), false),
-            "everything was flushed"
-        );
-        assert!(
-            !rebooted("a", &info("a", false), true),
-            "process restart: page cache kept"
-        );
-        assert!(
-            !rebooted("a", &info("b", true), true),
-            "session resumed: same server"
-        );
-        assert!(
-            !rebooted("a", &info("", false), true),
-            "server does not say"
-        );
-    }
-
-    #[test]
-    fn chunks_cover_the_range() {
-        assert_eq!(chunks(10, 0, 4).collect::<Vec<_>>(), vec![(10, 0)]);
-        assert_eq!(chunks(10, 4, 4).collect::<Vec<_>>(), vec![(10, 4)]);
-        assert_eq!(
-            chunks(10, 9, 4).collect::<Vec<_>>(),
-            vec![(10, 4), (14, 4), (18, 1)]
-        );
     }
 }

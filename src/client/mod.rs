@@ -2,7 +2,10 @@
 //! requests and replies on one connection. The [`engine`] builds the transaction model on
 //! top: many requests in flight, resends, reconnects and pings.
 
+pub mod core;
+mod durability;
 pub mod engine;
+mod link;
 pub mod stats;
 pub mod table;
 

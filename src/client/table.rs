@@ -72,6 +72,8 @@ pub struct Expired<W> {
     pub failed: Vec<(u64, Tx<W>)>,
     /// Number of transactions queued again for sending.
     pub resent: usize,
+    /// The earliest deadline left, if any: nothing expires before it.
+    pub next: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -169,8 +171,10 @@ impl<W> Table<W> {
     pub fn expire(&mut self, now: Instant, timeout: Duration, max_resends: u32) -> Expired<W> {
         let mut failed_ids = Vec::new();
         let mut resent = 0;
+        let mut next: Option<Instant> = None;
         for (id, tx) in self.txs.iter_mut() {
             if tx.deadline > now {
+                next = Some(next.map_or(tx.deadline, |n| n.min(tx.deadline)));
                 continue;
             }
             if tx.resends >= max_resends {
@@ -179,6 +183,7 @@ impl<W> Table<W> {
             }
             tx.resends += 1;
             tx.deadline = now + timeout;
+            next = Some(next.map_or(tx.deadline, |n| n.min(tx.deadline)));
             if !self.queue.contains(id) {
                 self.queue.push_back(*id);
             }
@@ -188,7 +193,11 @@ impl<W> Table<W> {
             .into_iter()
             .filter_map(|id| self.complete(id).map(|tx| (id, tx)))
             .collect();
-        Expired { failed, resent }
+        Expired {
+            failed,
+            resent,
+            next,
+        }
     }
 
     /// Removes every transaction, for failing them all.
@@ -285,7 +294,10 @@ mod tests {
         t.next_to_send(now, T).unwrap();
         assert_eq!(t.expire(now + T / 2, T, 2).resent, 0);
         let e = t.expire(now + T, T, 2);
-        assert_eq!((e.resent, e.failed.len()), (1, 0));
+        assert_eq!(
+            (e.resent, e.failed.len(), e.next),
+            (1, 0, Some(now + 2 * T))
+        );
         assert_eq!(
             t.next_to_send(now + T, T).unwrap().0.txid,
             a,
@@ -297,6 +309,7 @@ mod tests {
         assert_eq!(e.failed[0].0, a);
         assert!(t.is_empty());
         assert_eq!(t.bytes(), 0);
+        assert_eq!(e.next, None, "nothing left to expire");
     }
 
     #[test]
