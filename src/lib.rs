@@ -30,4 +30,5 @@ pub mod protocol;
 pub mod server;
 pub mod service;
 pub mod socket;
+pub mod status;
 pub mod units;

@@ -20,7 +20,6 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::mount_options::MountRequest;
 use crate::protocol::Access;
 use crate::service;
-use crate::units::human_bytes;
 
 /// The transfer size asked for when none is given; the server may agree to less.
 pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
@@ -465,75 +464,6 @@ pub fn fstab_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/etc/fstab"))
 }
 
-/// `dst-mount --status MOUNTPOINT`: the live counters of a dst mount, for people. An error
-/// when MOUNTPOINT is not a dst mount, or when its dst-mount no longer serves it.
-pub fn status(mountpoint: &Path) -> Result<String, String> {
-    let shown = mountpoint.display();
-    // A mount whose dst-mount has died cannot be resolved (ENOTCONN): take the path as given.
-    let path = mountpoint
-        .canonicalize()
-        .or_else(|_| std::path::absolute(mountpoint))
-        .map_err(|e| format!("{shown}: {e}"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| format!("cannot read /proc/self/mounts: {e}"))?;
-    let entry = crate::mount_options::find_mount(&mounts, &path)
-        .filter(|e| e.fstype == "fuse.dst")
-        .ok_or_else(|| format!("{shown} is not a dst mount"))?;
-    let stats = path.join(fuse::STATS_NAME);
-    let text = std::fs::read_to_string(&stats).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            format!(
-                "{shown}: the dst-mount serving {} is gone ({e}); unmount it: umount -l {shown}",
-                entry.source
-            )
-        } else {
-            format!("cannot read {}: {e}", stats.display())
-        }
-    })?;
-    Ok(format_status(&entry.source, &path, &text))
-}
-
-/// The `.stats` text for people: a heading, then one aligned line per counter with units.
-/// Counters it does not know are shown by the same rules (`_us` is a latency, a name with
-/// `bytes` is a size), so new ones need no change here.
-pub fn format_status(source: &str, mountpoint: &Path, stats: &str) -> String {
-    let rows: Vec<(String, String)> = stats
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| match line.split_once(' ') {
-            Some((name, value)) => (label(name), human_value(name, value.trim())),
-            None => (line.to_string(), String::new()),
-        })
-        .collect();
-    let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
-    let mut out = format!("{}: {source}\n", mountpoint.display());
-    for (label, value) in rows {
-        out.push_str(format!("  {label:<width$}  {value}").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-fn label(name: &str) -> String {
-    name.strip_suffix("_us").unwrap_or(name).replace('_', " ")
-}
-
-fn human_value(name: &str, value: &str) -> String {
-    let Ok(n) = value.parse::<u64>() else {
-        return value.to_string();
-    };
-    if name == "connected" {
-        return if n == 0 { "no".into() } else { "yes".into() };
-    }
-    if name.ends_with("_us") {
-        return format!("{:.2} ms", n as f64 / 1000.0);
-    }
-    if name.contains("bytes") {
-        return human_bytes(n);
-    }
-    n.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,27 +530,5 @@ mod tests {
         let cfg = config(&["resend_timeout=10s"]);
         assert_eq!(cfg.resend_timeout, Duration::from_secs(10));
         assert_eq!(cfg.resend_count, DEFAULT_PROFILE.resend_count);
-    }
-
-    #[test]
-    fn status_is_aligned_with_units() {
-        let stats = "connected 0\nin_flight 3\nin_flight_bytes 12288\nrequests 398\n\
-                     bytes_written 46710784\nlatency_p50_us 294911\nlatency_max_us 440\n\
-                     some_future_counter 7\nnovalue\nfuse_in_progress 4\n";
-        let out = format_status("node1:7700/disk", Path::new("/mnt/r"), stats);
-        let want = "\
-/mnt/r: node1:7700/disk
-  connected            no
-  in flight            3
-  in flight bytes      12.0 KiB
-  requests             398
-  bytes written        44.5 MiB
-  latency p50          294.91 ms
-  latency max          0.44 ms
-  some future counter  7
-  novalue
-  fuse in progress     4
-";
-        assert_eq!(out, want);
     }
 }

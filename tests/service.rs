@@ -1,15 +1,18 @@
-//! dst-server under a service manager: what it tells systemd through `NOTIFY_SOCKET`
-//! (a datagram socket the test binds, as systemd would), and its log lines when stderr
-//! is the journal (`JOURNAL_STREAM` naming that stream).
+//! dst under a service manager and a monitoring system: what dst-server and dst-mount
+//! tell systemd through `NOTIFY_SOCKET` (a datagram socket the test binds, as systemd
+//! would), dst-server's log lines when stderr is the journal (`JOURNAL_STREAM` naming that
+//! stream), and a mount's counters as Prometheus text.
 
+#[macro_use]
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use common::mount::DstMount;
 use common::Setup;
 
 /// The next notification, as its `KEY=VALUE` lines.
@@ -128,4 +131,74 @@ fn on_the_journal_lines_carry_syslog_priorities_and_no_timestamp() {
         error.starts_with("<3>dst"),
         "not an error line for the journal: {error}"
     );
+}
+
+#[test]
+fn a_foreground_mount_tells_systemd_when_it_is_mounted_and_when_it_stops() {
+    require!();
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let path = s.path("notify");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let dir = s.path("mnt");
+    let env = [("NOTIFY_SOCKET", path.as_os_str())];
+    let mut m = DstMount::spawn_with_env(&s, server.addr, &dir, &[], &env);
+    let ready = expect(&socket, "READY=1");
+    assert_eq!(
+        common::mount::mounted_type(&dir).as_deref(),
+        Some("fuse.dst"),
+        "READY=1 came before the mount: {ready:?}"
+    );
+    // SIGTERM unmounts; systemd hears it is stopping.
+    m.signal(libc::SIGTERM);
+    expect(&socket, "STOPPING=1");
+}
+
+#[test]
+fn a_mount_s_counters_as_prometheus_text() {
+    require!();
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.file())
+        .unwrap()
+        .write_all_at(&common::pattern(8192, 1), 0)
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dst-mount"))
+        .args([
+            "--status",
+            m.dir.to_str().unwrap(),
+            "--format",
+            "prometheus",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("the status parses as Prometheus text");
+    let written = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "dst_mount_bytes_written_total")
+        .unwrap_or_else(|| panic!("no bytes written in\n{text}"));
+    assert_eq!(
+        written.labels.get("mountpoint"),
+        Some(m.dir.canonicalize().unwrap().to_str().unwrap())
+    );
+    match written.value {
+        prometheus_parse::Value::Counter(v) => assert!(v >= 8192.0, "{text}"),
+        ref v => panic!("bytes written is not a counter: {v:?}"),
+    }
+    assert!(text.contains("dst_mount_connected{"), "{text}");
+    assert!(text.contains("dst_mount_latency_p99_seconds{"), "{text}");
 }

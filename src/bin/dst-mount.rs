@@ -11,6 +11,29 @@ use dst::mount_options::{parse_max_transfer, resolve, Invocation, Options, Serve
 use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};
 
+/// Every argument but `--status` and `--format`: none of them goes with `--status`.
+const MOUNT_ARGS: [&str; 19] = [
+    "positional",
+    "server",
+    "export",
+    "key",
+    "server_key",
+    "ro",
+    "cipher",
+    "congestion_control",
+    "resend_timeout",
+    "resend_count",
+    "ping_interval",
+    "window_requests",
+    "window_bytes",
+    "max_transfer",
+    "fail_fast",
+    "foreground",
+    "log_file",
+    "options",
+    "sloppy",
+];
+
 /// Mount a dst export as one large file in a FUSE mount.
 ///
 /// SOURCE is HOST[:PORT]/EXPORT (port 7700 by default); instead give --server and --export,
@@ -20,7 +43,7 @@ use dst::units::{parse_duration, parse_size};
 #[derive(Parser)]
 #[command(
     version,
-    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)\n       dst-mount --status MOUNTPOINT"
+    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)\n       dst-mount --status MOUNTPOINT [--format prometheus]"
 )]
 struct Args {
     /// [SOURCE] MOUNTPOINT
@@ -31,10 +54,14 @@ struct Args {
     )]
     positional: Vec<String>,
 
-    /// Print the live counters of the dst mount at MOUNTPOINT (its .stats) for people, and
-    /// exit; exits with 1 if MOUNTPOINT is not a dst mount or its dst-mount is gone
-    #[arg(long, value_name = "MOUNTPOINT", exclusive = true)]
+    /// Print the live counters of the dst mount at MOUNTPOINT (its .stats) and exit; exits
+    /// with 1 if MOUNTPOINT is not a dst mount or its dst-mount is gone
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = MOUNT_ARGS)]
     status: Option<PathBuf>,
+
+    /// How --status prints: human, or prometheus (for node_exporter's textfile collector)
+    #[arg(long, value_name = "FORMAT", requires = "status")]
+    format: Option<dst::status::Format>,
 
     /// The export node, HOST[:PORT]
     #[arg(long, value_name = "HOST[:PORT]")]
@@ -160,8 +187,12 @@ fn main() -> ExitCode {
         log::warn!("cannot disable core dumps (key material could end up in one): {e}");
     }
     let args = Args::parse();
+    if args.format.is_some() && args.status.is_none() {
+        eprintln!("dst-mount: --format goes with --status MOUNTPOINT");
+        return ExitCode::FAILURE;
+    }
     if let Some(mountpoint) = &args.status {
-        return match dst::mount::status(mountpoint) {
+        return match dst::status::status(mountpoint, args.format.unwrap_or_default()) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS

@@ -152,6 +152,17 @@ impl DstMount {
     }
 
     pub fn spawn_at(s: &Setup, addr: SocketAddr, dir: &Path, extra: &[&str]) -> DstMount {
+        Self::spawn_with_env(s, addr, dir, extra, &[])
+    }
+
+    /// As [`spawn_at`](Self::spawn_at), with `env` added to dst-mount's environment.
+    pub fn spawn_with_env(
+        s: &Setup,
+        addr: SocketAddr,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> DstMount {
         fs::create_dir_all(dir).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_dst-mount"))
             .arg("--foreground")
@@ -163,6 +174,7 @@ impl DstMount {
             .arg(format!("{addr}/disk"))
             .arg(dir)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
