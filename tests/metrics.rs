@@ -1,6 +1,6 @@
 //! `dst-server --metrics`: Prometheus text that a real parser reads, counters that move
-//! as a real client reads and writes, and an endpoint that answers only `GET /metrics`
-//! and survives garbage.
+//! as a real client reads and writes (and `dst-server status` says so for people), and an
+//! endpoint that answers only `GET /metrics` and survives garbage.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{connect, pattern, Setup};
+use common::{connect, pattern, ServerProcess, Setup};
 use dst::protocol::Access;
 
 /// The status code and body of one request to the endpoint.
@@ -49,10 +49,8 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
     }
 }
 
-#[test]
-fn counters_move_as_a_client_reads_and_writes() {
-    let s = Setup::new();
-    s.authorize(&format!("{} # backup host\n", s.client_key.public()));
+/// A dst-server with one export and metrics on a free port, and that port's address.
+fn with_metrics(s: &Setup) -> (ServerProcess, SocketAddr) {
     let server = s.server(&[
         "--export",
         "disk=disk.img",
@@ -62,13 +60,21 @@ fn counters_move_as_a_client_reads_and_writes() {
         "127.0.0.1:0",
     ]);
     server.wait_for_log("metrics on http://");
-    let log = server.log();
-    let addr: SocketAddr = log
+    let addr = server
+        .log()
         .split("metrics on http://")
         .nth(1)
         .and_then(|rest| rest.split('/').next())
         .and_then(|a| a.parse().ok())
         .expect("the log names the metrics address");
+    (server, addr)
+}
+
+#[test]
+fn counters_move_as_a_client_reads_and_writes() {
+    let s = Setup::new();
+    s.authorize(&format!("{} # backup host\n", s.client_key.public()));
+    let (server, addr) = with_metrics(&s);
 
     let before = scrape(addr);
     let write = [("export", "disk"), ("op", "write")];
@@ -113,6 +119,38 @@ fn counters_move_as_a_client_reads_and_writes() {
     assert_eq!(value(&after, "dst_sessions_connected", &[]), 1.0);
     assert_eq!(value(&after, "dst_connections", &[]), 1.0);
     assert!(value(&after, "dst_memory_budget_used_bytes", &[]) > 0.0);
+    // dst-server status: the same, for people.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
+        .args(["status", "--metrics", &addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "  sessions     1 (1 connected)\n",
+        "  write        3 requests, 12.0 KiB, 0 errors, p99 under ",
+        "client 'backup host' (key ",
+    ] {
+        assert!(text.contains(want), "no {want:?} in\n{text}");
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
+        .args(["status", "--metrics", &closed.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is dst-server running with --metrics"),
+        "{err}"
+    );
     let key = s.client_key.public().to_string();
     let (_, text) = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
     assert!(
@@ -130,22 +168,7 @@ fn counters_move_as_a_client_reads_and_writes() {
 #[test]
 fn the_endpoint_answers_only_get_metrics_and_survives_garbage() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "1M",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    server.wait_for_log("metrics on http://");
-    let log = server.log();
-    let addr: SocketAddr = log
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let (_server, addr) = with_metrics(&s);
     assert_eq!(http(addr, b"GET / HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(addr, b"DELETE /metrics HTTP/1.1\r\n\r\n").0, 405);
     assert_eq!(

@@ -40,6 +40,16 @@ enum Command {
     /// :checksums=TABLE), with the export not being served. Exits 1 if corrupt blocks are
     /// found, 2 if the scrub could not run
     Scrub(ScrubArgs),
+    /// Sum up a running server for people: sessions, connections, memory, refusals, each
+    /// export's requests and each client key's traffic, read from its --metrics endpoint
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The address the server serves --metrics on
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -195,6 +205,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match (cli.command, cli.serve) {
         (Some(Command::Scrub(scrub)), _) => return run_scrub(scrub),
+        (Some(Command::Status(status)), _) => return run_status(status),
         (None, Some(args)) => args,
         // arg_required_else_help: clap has printed the help already.
         (None, None) => return ExitCode::FAILURE,
@@ -328,6 +339,23 @@ fn handle_signals(control: Control) -> std::io::Result<impl std::future::Future<
     Ok(async move {
         let _ = rx.recv().await;
     })
+}
+
+/// `dst-server status`: exit status 0 with the summary, 1 if the server cannot be read.
+fn run_status(args: StatusArgs) -> ExitCode {
+    match dst::server::report::fetch(args.metrics) {
+        Ok(text) => {
+            print!(
+                "{}",
+                dst::server::report::summarise(&args.metrics.to_string(), &text)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dst-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `dst-server scrub`: exit status 0 if the image matches its table, 1 if corrupt blocks

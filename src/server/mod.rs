@@ -34,6 +34,7 @@ mod metrics_endpoint;
 pub mod negotiation;
 mod replies;
 pub mod reply_cache;
+pub mod report;
 mod requests;
 mod session;
 pub mod sessions;
