@@ -6,8 +6,7 @@
 # Installs dst-server, dst-keygen and dst-mount into $BINDIR (/usr/local/bin) and the mount
 # helper as $SBINDIR/mount.dst (/sbin/mount.dst), where mount(8) looks for it, so that
 # `mount -t dst` and fstab lines of type dst work. The helper finds dst-mount in $BINDIR.
-# systemd units and examples stay in contrib/ for you to copy (see the README,
-# "Operations").
+# systemd units and examples stay in contrib/ for you to copy (see docs/operations.md).
 set -eu
 cd "$(dirname "$0")/.."
 

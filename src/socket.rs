@@ -6,7 +6,7 @@
 //! (some distributions' default) spreads each burst over time, and on a fast link the CPUs
 //! then idle between the pieces of work that burst was. CUBIC sends what the window
 //! allows: sequential writes over 127.0.0.1 ran about a fifth faster with it, the other
-//! jobs of the benchmark about the same (README, Performance). So dst asks for CUBIC unless
+//! jobs of the benchmark about the same (docs/performance.md). So dst asks for CUBIC unless
 //! told otherwise, quietly keeping the system's default where this process may not choose.
 
 use std::io;

@@ -518,7 +518,7 @@ fn a_write_zeroes_flood_from_a_read_write_key_does_not_slow_another_tenant() {
 #[test]
 fn replies_never_read_hold_the_server_to_its_memory_budget() {
     const BUDGET_MIB: u64 = 128;
-    // What the server holds besides the budget (see README, Security): code, tables and
+    // What the server holds besides the budget (see docs/security.md): code, tables and
     // threads, and up to 32 MiB of idle buffers kept for reuse.
     const CONSTANT_MIB: u64 = 48;
     let s = Setup::new();
