@@ -611,17 +611,17 @@ fn a_disconnected_writer_is_released_after_the_linger_time() {
     ]);
     let mine = s.client(&server, "disk", Access::ReadWrite);
     drop(connect(&mine));
-    std::thread::sleep(Duration::from_millis(200));
+    server.wait_for_closes(1);
 
     // The same client, restarted (it lost its session id), takes over at once.
     drop(connect(&mine));
-    std::thread::sleep(Duration::from_millis(200));
+    server.wait_for_closes(2);
 
     let mut other = mine.clone();
     other.key = other_key;
     let err = block_on(Connection::connect(&other, None)).err().unwrap();
     assert!(err.to_string().contains("disconnected"), "{err}");
-    std::thread::sleep(Duration::from_millis(1200));
+    server.wait_for_lines(&["session of client", " expired;"], 1);
     connect(&other);
 }
 

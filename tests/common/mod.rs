@@ -158,6 +158,30 @@ impl ServerProcess {
         }
     }
 
+    /// Waits until the log has `n` lines with every one of `parts`.
+    pub fn wait_for_lines(&self, parts: &[&str], n: usize) {
+        let count = || {
+            self.log()
+                .lines()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the log never had {n} lines with {parts:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the server has logged the close of `n` connections in all.
+    pub fn wait_for_closes(&self, n: usize) {
+        self.wait_for_lines(&[": connection ", " closed: "], n);
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
