@@ -2,7 +2,8 @@
 //! made larger under a mounted filesystem (SIGHUP, or the server's own periodic look), the
 //! FUSE file following, the loop device and the filesystem grown in place, data written past
 //! the old end and found again after a remount; and a shrink refused. Without root or the
-//! tools, a test says why and passes without running.
+//! tools, a test says why and passes without running. And on the wire, without root: a
+//! client that announced RESIZE is told, an older one is not, and both go on working.
 //!
 //! Guards are declared in setup order and so dropped in reverse: filesystem, loop device,
 //! dst mount, server.
@@ -15,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::mount::{kill, run, unmount_quietly, wait_until, DstMount, Loop};
-use common::{pattern, Setup};
+use common::{connect, pattern, Setup};
+use dst::client::Connection;
+use dst::protocol::{features, Access};
 
 const MIB: u64 = 1 << 20;
 /// Long enough for the server's periodic look (every 5 s) and a loaded machine.
@@ -251,4 +254,39 @@ fn a_shrink_is_refused_and_logged_once() {
     f.write_all_at(&data, 95 * MIB).unwrap();
     f.read_exact_at(&mut back, 95 * MIB).unwrap();
     assert!(back == data, "written past the old end");
+}
+
+/// Two connected clients of a growing export: the one that announced RESIZE learns the new
+/// size before its next reply, the older one keeps the size it was given; both are served
+/// on, and a client that connects afterwards is given the new size.
+#[test]
+fn connected_clients_that_take_resize_are_told() {
+    let s = Setup::new();
+    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let cfg = s.client(&server, "disk", Access::ReadOnly);
+    let mut new = connect(&cfg);
+    let older = features::ALL & !features::RESIZE;
+    let mut old = smol::block_on(Connection::connect_with(&cfg, None, older)).unwrap();
+    assert_eq!((new.info().size, old.info().size), (16 * MIB, 16 * MIB));
+
+    OpenOptions::new()
+        .write(true)
+        .open(s.path("disk.img"))
+        .unwrap()
+        .set_len(48 * MIB)
+        .unwrap();
+    kill(server.pid(), libc::SIGHUP);
+    server.wait_for_log("SIGHUP: looked at the exports' sizes (1 grew)");
+    smol::block_on(async {
+        new.ping().await.unwrap();
+        old.ping().await.unwrap();
+        assert_eq!(new.read(40 * MIB, 4096).await.unwrap(), vec![0; 4096]);
+    });
+    assert_eq!(new.info().size, 48 * MIB, "told before the ping's reply");
+    assert_eq!(
+        old.info().size,
+        16 * MIB,
+        "an older client is sent no RESIZE"
+    );
+    assert_eq!(connect(&cfg).info().size, 48 * MIB);
 }
