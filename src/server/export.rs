@@ -244,7 +244,10 @@ impl Export {
                 None
             }
             Resize::Grow => {
-                self.size.store(found, Ordering::Release);
+                // A SIGHUP and the periodic look may race: one of them grows it.
+                self.size
+                    .compare_exchange(current, found, Ordering::AcqRel, Ordering::Acquire)
+                    .ok()?;
                 self.refused.store(found, Ordering::Relaxed);
                 log::info!(
                     "export '{}': {} grew from {current} to {found} bytes",

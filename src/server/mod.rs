@@ -390,7 +390,8 @@ impl Shared {
     }
 }
 
-/// Reloads the authorized keys of a running server (on SIGHUP, say) and sums up its state.
+/// Reloads the authorized keys of a running server and looks at its exports' sizes (on
+/// SIGHUP, say), and sums up its state.
 #[derive(Clone)]
 pub struct Control(Arc<Shared>);
 
