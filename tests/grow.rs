@@ -1,5 +1,5 @@
 //! Growing an export online, as root with /dev/fuse and loop devices: the server's image
-//! made larger under a mounted filesystem (SIGHUP, or the server's own periodic look), the
+//! made larger under a mounted ext4, xfs or btrfs (SIGHUP, or the server's own periodic look), the
 //! FUSE file following, the loop device and the filesystem grown in place, data written past
 //! the old end and found again after a remount; and a shrink refused. Without root or the
 //! tools, a test says why and passes without running. And on the wire, without root: a
@@ -206,6 +206,23 @@ fn xfs_grows_online_when_the_server_looks() {
         grow: |_, dir| drop(run("xfs_growfs", &[dir.to_str().unwrap()])),
         fsck: &["xfs_repair", "-n"],
         sighup: false,
+    });
+}
+
+#[test]
+fn btrfs_grows_online_after_sighup() {
+    require!("losetup", "truncate", "mkfs.btrfs", "btrfs");
+    grow_online(Kind {
+        old_mib: 256,
+        mkfs: &["mkfs.btrfs", "-q", "-f"],
+        grow: |_, dir| {
+            drop(run(
+                "btrfs",
+                &["filesystem", "resize", "max", dir.to_str().unwrap()],
+            ))
+        },
+        fsck: &["btrfs", "check", "--readonly"],
+        sighup: true,
     });
 }
 
