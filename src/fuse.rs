@@ -10,8 +10,9 @@
 //! window, not this loop, bounds them. Reads and writes map to transactions, fsync,
 //! fdatasync and the flush of a writable handle's close to FLUSH, and fallocate's
 //! PUNCH_HOLE and ZERO_RANGE to TRIM and WRITE_ZEROES, which is how `mkfs` discards and
-//! `fstrim` on a loop device on top reach the export. The file's size is fixed: truncating
-//! it to another size and creating or removing names are refused.
+//! `fstrim` on a loop device on top reach the export. The file's size is the export's: it
+//! grows when the export does ([`invalidate_size`] tells the kernel), and truncating it to
+//! another size and creating or removing names are refused.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -45,7 +46,7 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub const MAX_BACKGROUND: u16 = 128;
 pub const CONGESTION_THRESHOLD: u16 = 96;
 
-/// Attributes never change behind the kernel's back (the size is fixed), so they may be
+/// Attributes change only when the export grows, and then the kernel is told, so they may be
 /// cached; `.stats` has size 0 and is read with direct I/O, so caching does not hide updates.
 const TTL: Duration = Duration::from_secs(60);
 
@@ -53,17 +54,26 @@ const TTL: Duration = Duration::from_secs(60);
 /// whether there is anything to flush.
 const FH_WRITABLE: u64 = 1;
 
-/// What the filesystem shows; fixed for the life of a mount.
+/// What the filesystem shows; fixed for the life of a mount (the size is the engine's).
 #[derive(Debug, Clone)]
 pub struct FsConfig {
     /// The data file's name: the export's.
     pub name: String,
-    pub size: u64,
     pub block_size: u32,
     pub read_only: bool,
     /// Owner of every file: whoever mounted.
     pub uid: u32,
     pub gid: u32,
+}
+
+/// Makes the kernel forget the data file's attributes, so that it asks for the grown size.
+/// Only attributes (a negative offset): the data cached stays valid. A file the kernel
+/// holds nothing of (ENOENT) has nothing to forget.
+pub fn invalidate_size(notifier: &fuser::Notifier) -> std::io::Result<()> {
+    match notifier.inval_inode(INodeNo(DATA_INO), -1, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
 }
 
 /// Checks that the export name can be the data file's name beside `.stats`.
@@ -172,7 +182,7 @@ impl DstFs {
             DATA_INO => (
                 FileType::RegularFile,
                 if self.cfg.read_only { 0o400 } else { 0o600 },
-                self.cfg.size,
+                self.engine.size(),
                 1,
             ),
             STATS_INO => (FileType::RegularFile, 0o444, 0, 1),
@@ -476,7 +486,7 @@ impl Filesystem for DstFs {
     ) {
         match ino.0 {
             DATA_INO => {
-                let len = clip_read(offset, size, self.cfg.size);
+                let len = clip_read(offset, size, self.engine.size());
                 if len == 0 {
                     return reply.data(&[]);
                 }
@@ -528,7 +538,7 @@ impl Filesystem for DstFs {
         if self.cfg.read_only {
             return reply.error(Errno::EROFS);
         }
-        let len = match clip_write(offset, data.len(), self.cfg.size) {
+        let len = match clip_write(offset, data.len(), self.engine.size()) {
             Ok(0) => return reply.written(0),
             Ok(len) => len,
             Err(errno) => return reply.error(Errno::from_i32(errno)),
@@ -646,7 +656,7 @@ impl Filesystem for DstFs {
     /// as this mount can tell (there are no free blocks to hand out and no files to create).
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let bsize = self.cfg.block_size.max(512);
-        let blocks = self.cfg.size.div_ceil(u64::from(bsize));
+        let blocks = self.engine.size().div_ceil(u64::from(bsize));
         reply.statfs(blocks, 0, 0, 2, 0, bsize, 255, bsize)
     }
 
@@ -763,7 +773,7 @@ impl Filesystem for DstFs {
         if ino.0 != DATA_INO {
             return reply.error(Errno::EBADF);
         }
-        let action = fallocate_action(mode, offset, length, self.cfg.size);
+        let action = fallocate_action(mode, offset, length, self.engine.size());
         if self.cfg.read_only && action != Allocate::Nothing {
             return reply.error(Errno::EROFS);
         }

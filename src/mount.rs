@@ -270,7 +270,6 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
         engine.clone(),
         FsConfig {
             name: info.export.clone(),
-            size: info.size,
             block_size: info.block_size,
             read_only,
             uid,
@@ -290,6 +289,10 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
         }
     };
 
+    // Not fatal: the mount works, only growth would go unseen until the next mount.
+    if let Err(e) = follow_size(&engine, session.notifier(), mountpoint.join(&info.export)) {
+        log::warn!("{e}");
+    }
     let (done_tx, done_rx) = smol::channel::bounded(1);
     std::thread::Builder::new()
         .name("fuse".into())
@@ -343,6 +346,31 @@ fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Res
     });
     signal_handle.close();
     Ok(())
+}
+
+/// Whenever the export grows, makes the kernel take the data file's new size: its cached
+/// attributes are dropped, then the file is looked at, so that the kernel asks for them
+/// again and a loop device on the file finds the new size (`losetup -c`). On a thread of
+/// its own, since the FUSE thread answers that look; it lives as long as the process.
+fn follow_size(engine: &Engine, notifier: fuser::Notifier, file: PathBuf) -> Result<(), String> {
+    let engine = engine.clone();
+    std::thread::Builder::new()
+        .name("resize".into())
+        .spawn(move || {
+            let mut known = engine.size();
+            loop {
+                known = smol::block_on(engine.resized(known));
+                if let Err(e) = fuse::invalidate_size(&notifier) {
+                    log::warn!("cannot tell the kernel the new size {known}: {e}");
+                }
+                match std::fs::metadata(&file) {
+                    Ok(m) => log::info!("{} now has {} bytes", file.display(), m.len()),
+                    Err(e) => log::debug!("{}: {e}", file.display()),
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the resize thread: {e}"))
 }
 
 /// Ends requests, then transactions: no request is started any more (those that arrive fail

@@ -9,11 +9,14 @@
 //! WELCOME = fields                          server -> client, once
 //! REQUEST = op:u8 flags:u8 0:u16 txid:u64 floor:u64 offset:u64 length:u32 [data]
 //! REPLY   = txid:u64 status:u32 [data]
+//! RESIZE  = size:u64                        server -> client, with the RESIZE feature
 //! fields  = (tag:u16 len:u16 value)*        unknown tags are skipped, so peers can add fields
 //! ```
 //!
 //! `floor` is the lowest transaction id the client still waits for; the server may forget
-//! replies below it. Every length is checked against a limit before anything is allocated.
+//! replies below it. RESIZE tells a client that announced [`features::RESIZE`] in its HELLO
+//! the export's new (larger) size. Every length is checked against a limit before anything
+//! is allocated.
 
 use std::fmt;
 
@@ -38,15 +41,21 @@ const KIND_HELLO: u8 = 1;
 const KIND_WELCOME: u8 = 2;
 const KIND_REQUEST: u8 = 3;
 const KIND_REPLY: u8 = 4;
+const KIND_RESIZE: u8 = 5;
+/// Body of a RESIZE frame: the size.
+const RESIZE_BODY: usize = 8;
 
-/// Feature flags, advertised by the server in WELCOME.
+/// Feature flags, announced by the client in HELLO and advertised by the server in WELCOME;
+/// one is used only when both sides have it.
 pub mod features {
     pub const FLUSH: u64 = 1 << 0;
     pub const FUA: u64 = 1 << 1;
     pub const TRIM: u64 = 1 << 2;
     pub const WRITE_ZEROES: u64 = 1 << 3;
+    /// The client takes RESIZE frames: the export grew while it was connected.
+    pub const RESIZE: u64 = 1 << 4;
     /// All features this build understands.
-    pub const ALL: u64 = FLUSH | FUA | TRIM | WRITE_ZEROES;
+    pub const ALL: u64 = FLUSH | FUA | TRIM | WRITE_ZEROES | RESIZE;
 }
 
 /// Request flag: the write must be on stable storage before it is acked.
@@ -203,6 +212,8 @@ pub enum Frame<'a> {
     Welcome(Welcome),
     Request(RequestHeader, &'a [u8]),
     Reply(ReplyHeader, &'a [u8]),
+    /// The export's new size.
+    Resize(u64),
 }
 
 /// The fixed part of a REQUEST or REPLY frame, decoded before its payload is in, so that a
@@ -211,6 +222,8 @@ pub enum Frame<'a> {
 pub enum Head {
     Request(RequestHeader),
     Reply(ReplyHeader),
+    /// A RESIZE frame, which has no payload: the export's new size.
+    Resize(u64),
 }
 
 mod tag {
@@ -330,6 +343,13 @@ pub fn encode_reply_head(out: &mut Vec<u8>, h: &ReplyHeader, payload: usize) {
     out.extend_from_slice(&h.status.to_be_bytes());
 }
 
+/// Appends a RESIZE frame to `out`.
+pub fn encode_resize(out: &mut Vec<u8>, size: u64) {
+    let start = begin_frame(out, KIND_RESIZE);
+    out.extend_from_slice(&size.to_be_bytes());
+    end_frame(out, start);
+}
+
 // ---------------------------------------------------------------------------------------
 // Decoding
 
@@ -385,6 +405,7 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Frame<'a>, us
             let (h, data) = decode_reply(body, limits)?;
             Frame::Reply(h, data)
         }
+        KIND_RESIZE => Frame::Resize(resize_size(body)?),
         k => return malformed(format!("unknown frame kind {k}")),
     };
     Ok((frame, total))
@@ -392,8 +413,8 @@ pub fn decode_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<(Frame<'a>, us
 
 /// Decodes the head of the first frame in `buf` without its payload: for a REQUEST or
 /// REPLY, its fixed part, checked as [`decode_frame`] checks it (the payload's length
-/// included), and the bytes the head takes; the payload is the rest of the frame.
-/// `None` for a HELLO or WELCOME, which have no payload to place.
+/// included), and the bytes the head takes; the payload is the rest of the frame. A
+/// RESIZE is all head. `None` for a HELLO or WELCOME, which have no payload to place.
 pub fn decode_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, DecodeError> {
     let total = frame_len(buf, limits)?;
     if buf.len() < FRAME_HEADER {
@@ -402,6 +423,7 @@ pub fn decode_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>,
     let fixed = match buf[4] {
         KIND_REQUEST => REQUEST_HEADER,
         KIND_REPLY => REPLY_HEADER,
+        KIND_RESIZE => RESIZE_BODY,
         KIND_HELLO | KIND_WELCOME => return Ok(None),
         k => return malformed(format!("unknown frame kind {k}")),
     };
@@ -413,6 +435,8 @@ pub fn decode_head(buf: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>,
     let (b, payload) = (&buf[FRAME_HEADER..head], total - head);
     Ok(Some(match buf[4] {
         KIND_REQUEST => (Head::Request(request_head(b, payload, limits)?), head),
+        KIND_RESIZE if payload == 0 => (Head::Resize(resize_size(b)?), head),
+        KIND_RESIZE => return malformed("resize notice longer than its size"),
         _ => (Head::Reply(reply_head(b, payload, limits)?), head),
     }))
 }
@@ -505,6 +529,17 @@ fn reply_head(b: &[u8], payload: usize, limits: &Limits) -> Result<ReplyHeader, 
         return malformed("error reply with data");
     }
     Ok(h)
+}
+
+/// Checks the body of a RESIZE frame: exactly one size.
+fn resize_size(b: &[u8]) -> Result<u64, DecodeError> {
+    if b.len() != RESIZE_BODY {
+        return malformed(format!(
+            "resize notice of {} bytes, expected {RESIZE_BODY}",
+            b.len()
+        ));
+    }
+    Ok(be_u64(b))
 }
 
 /// Iterates over the (tag, value) fields of a HELLO or WELCOME, rejecting duplicates.
@@ -843,6 +878,46 @@ mod tests {
         encode_request(&mut buf, &h, &[1; 9]);
         let err = decode_frame(&buf, &LIMITS).unwrap_err();
         assert!(err.to_string().contains("payload"), "{err}");
+    }
+
+    #[test]
+    fn resize_notices_round_trip_and_decode_strictly() {
+        let mut buf = Vec::new();
+        encode_resize(&mut buf, 3 << 30);
+        assert_eq!(buf.len(), FRAME_HEADER + RESIZE_BODY);
+        assert_eq!(one(&buf), Frame::Resize(3 << 30));
+        assert_eq!(
+            decode_head(&buf, &LIMITS),
+            Ok(Some((Head::Resize(3 << 30), buf.len())))
+        );
+        // Cut short: more is needed, then both decoders agree it is whole.
+        assert_eq!(
+            decode_frame(&buf[..buf.len() - 1], &LIMITS),
+            Err(DecodeError::Incomplete)
+        );
+        // A size of the wrong width, longer or shorter, is refused by both decoders.
+        for body in [&[0u8; 7][..], &[0u8; 9][..], &[][..]] {
+            let mut bad = Vec::new();
+            let start = begin_frame(&mut bad, KIND_RESIZE);
+            bad.extend_from_slice(body);
+            end_frame(&mut bad, start);
+            assert!(
+                matches!(decode_frame(&bad, &LIMITS), Err(DecodeError::Malformed(_))),
+                "{body:?}"
+            );
+            assert!(
+                matches!(decode_head(&bad, &LIMITS), Err(DecodeError::Malformed(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn resize_is_a_feature_of_this_build() {
+        assert_ne!(features::ALL & features::RESIZE, 0);
+        // Distinct from the others, so older peers that lack it still agree on those.
+        let others = features::FLUSH | features::FUA | features::TRIM | features::WRITE_ZEROES;
+        assert_eq!(others & features::RESIZE, 0);
     }
 
     #[test]

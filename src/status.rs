@@ -62,7 +62,7 @@ pub fn status(mountpoint: &Path, format: Format) -> Result<String, String> {
 
 /// The `.stats` text for people: a heading, then one aligned line per counter with units.
 /// Counters it does not know are shown by the same rules (`_us` is a latency, a name with
-/// `bytes` is a size), so new ones need no change here.
+/// `bytes` or `size` is a size), so new ones need no change here.
 pub fn for_people(source: &str, mountpoint: &Path, stats: &str) -> String {
     let rows: Vec<(String, String)> = stats
         .lines()
@@ -95,7 +95,7 @@ fn human_value(name: &str, value: &str) -> String {
     if name.ends_with("_us") {
         return format!("{:.2} ms", n as f64 / 1000.0);
     }
-    if name.contains("bytes") {
+    if name.contains("bytes") || name.contains("size") {
         return human_bytes(n);
     }
     n.to_string()
@@ -164,13 +164,15 @@ mod tests {
 
     #[test]
     fn status_is_aligned_with_units() {
-        let stats = "connected 0\nin_flight 3\nin_flight_bytes 12288\nrequests 398\n\
+        let stats =
+            "connected 0\nsize 21474836480\nin_flight 3\nin_flight_bytes 12288\nrequests 398\n\
                      bytes_written 46710784\nlatency_p50_us 294911\nlatency_max_us 440\n\
                      some_future_counter 7\nnovalue\nfuse_in_progress 4\n";
         let out = for_people("node1:7700/disk", Path::new("/mnt/r"), stats);
         let want = "\
 /mnt/r: node1:7700/disk
   connected            no
+  size                 20.0 GiB
   in flight            3
   in flight bytes      12.0 KiB
   requests             398

@@ -313,7 +313,7 @@ async fn report_status(control: Control) {
     }
 }
 
-/// Reloads the authorized keys on SIGHUP; returns a future that resolves on the first
+/// Reloads the authorized keys and looks at the exports' sizes on SIGHUP; returns a future that resolves on the first
 /// SIGINT or SIGTERM.
 fn handle_signals(control: Control) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -327,6 +327,8 @@ fn handle_signals(control: Control) -> std::io::Result<impl std::future::Future<
                     Ok(n) => log::info!("SIGHUP: reloaded authorized keys ({n} keys)"),
                     Err(e) => log::error!("SIGHUP: keeping the old authorized keys: {e}"),
                 }
+                let grown = control.check_sizes();
+                log::info!("SIGHUP: looked at the exports' sizes ({grown} grew)");
                 dst::service::ready(&control.status());
                 continue;
             }

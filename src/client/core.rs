@@ -109,6 +109,8 @@ pub struct Core<W> {
     session: SessionId,
     /// The export as first negotiated: a connection to a different one is refused.
     export: String,
+    /// Its size now: it may grow (a RESIZE, or a reconnect finding it larger), never
+    /// shrink.
     size: u64,
     stats: Stats,
     /// Set when the export can no longer be used (it changed under us): every request fails.
@@ -307,13 +309,44 @@ impl<W> Core<W> {
         self.link.connect_failed(now);
     }
 
+    /// The export's size now.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The server says the export now has `size` bytes; true if that is news. A smaller
+    /// size is ignored: the server never shrinks an export, and data past a new end would
+    /// be lost.
+    pub fn on_resize(&mut self, size: u64) -> bool {
+        if size < self.size {
+            log::warn!(
+                "the server announced {size} bytes for export '{}', below its {} bytes; ignored",
+                protocol::printable(&self.export),
+                self.size
+            );
+        }
+        let grew = size > self.size;
+        if grew {
+            log::info!(
+                "export '{}' grew from {} to {size} bytes",
+                protocol::printable(&self.export),
+                self.size
+            );
+            self.size = size;
+        }
+        grew
+    }
+
     /// A new connection, made at `now`, negotiated `info`; returns the attempts it took.
-    /// Everything unacked is queued to be sent on it, oldest first. A different export
-    /// (another size or name) is refused: everything fails, now and from now on.
+    /// Everything unacked is queued to be sent on it, oldest first. An export that grew
+    /// meanwhile is taken at its new size ([`Core::size`] tells); a different export
+    /// (another name, or a smaller size) is refused: everything fails, now and from now on.
     pub fn on_connected(&mut self, now: Instant, info: &ExportInfo) -> Result<u32, Failures<W>> {
-        if info.size != self.size || info.export != self.export {
+        if info.size < self.size || info.export != self.export {
             log::error!(
-                "export '{}' changed on the server (size {} -> {}): refusing to continue; remount it",
+                "export '{}' changed on the server (size {} -> {}, smaller): refusing to \
+                 continue, since data past the new end would be lost; restore the export's \
+                 size on the server, or remount it",
                 protocol::printable(&self.export),
                 self.size,
                 info.size
@@ -328,6 +361,7 @@ impl<W> Core<W> {
             self.stats.failures += failed.len() as u64;
             return Err(failed);
         }
+        self.on_resize(info.size);
         let attempts = self.link.connected(now);
         self.stats.reconnects += 1;
         self.stats.connected = true;
@@ -352,6 +386,7 @@ impl<W> Core<W> {
         let mut stats = self.stats.clone();
         stats.in_flight = self.table.len();
         stats.in_flight_bytes = self.table.bytes();
+        stats.size = self.size;
         stats
     }
 }

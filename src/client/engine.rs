@@ -111,6 +111,8 @@ struct Inner {
     /// The core's next wake-up may be earlier than the timer sleeps (a new connection),
     /// or the engine is closing.
     rewake: Event,
+    /// The export grew.
+    resized: Event,
     pool: Pool,
     driver: Mutex<Option<smol::Task<()>>>,
     /// `None` while there is no connection.
@@ -146,6 +148,7 @@ impl Engine {
             queued: Event::new(),
             room: Event::new(),
             rewake: Event::new(),
+            resized: Event::new(),
             driver: Mutex::new(None),
             wire: smol::lock::Mutex::new(None),
             hangup: Mutex::new(None),
@@ -157,9 +160,27 @@ impl Engine {
         Ok(Engine { inner })
     }
 
-    /// The export as negotiated on the first connection.
+    /// The export as negotiated on the first connection; its size now is
+    /// [`Engine::size`].
     pub fn info(&self) -> &ExportInfo {
         &self.inner.info
+    }
+
+    /// The export's size now: it grows when the server's export does.
+    pub fn size(&self) -> u64 {
+        self.inner.state.lock().unwrap().size()
+    }
+
+    /// Waits until the export's size is other than `known`, and returns it.
+    pub async fn resized(&self, known: u64) -> u64 {
+        loop {
+            let resized = self.inner.resized.listen();
+            let size = self.size();
+            if size != known {
+                return size;
+            }
+            resized.await;
+        }
     }
 
     /// A copy of `data` in a buffer from the engine's pool, for [`Engine::write_buffer`]:
@@ -504,6 +525,7 @@ impl Inner {
                         .lock()
                         .unwrap()
                         .on_connected(Instant::now(), c.info());
+                    self.resized.notify(usize::MAX);
                     return match connected {
                         Ok(attempts) => {
                             let how = if c.info().resumed {
@@ -618,6 +640,14 @@ impl Inner {
                     head: Head::Reply(h),
                     payload,
                 })) => self.complete(h.txid, h.status, payload),
+                Ok(Some(OwnedFrame {
+                    head: Head::Resize(size),
+                    ..
+                })) => {
+                    if self.state.lock().unwrap().on_resize(size) {
+                        self.resized.notify(usize::MAX);
+                    }
+                }
                 Ok(Some(_)) => return "the server sent a frame other than a reply".into(),
                 Ok(None) => return "closed by the server".into(),
                 Err(e) => return e.to_string(),

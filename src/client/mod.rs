@@ -122,6 +122,16 @@ impl Connection {
         cfg: &ClientConfig,
         session: Option<SessionId>,
     ) -> Result<Connection, ClientError> {
+        Self::connect_with(cfg, session, features::ALL).await
+    }
+
+    /// As [`connect`](Self::connect), announcing only `features`: how an older client
+    /// connects.
+    pub async fn connect_with(
+        cfg: &ClientConfig,
+        session: Option<SessionId>,
+        features: u64,
+    ) -> Result<Connection, ClientError> {
         let stream = crate::socket::dial(&cfg.server).await?;
         stream.set_nodelay(true)?;
         cfg.congestion.apply(&stream)?;
@@ -142,7 +152,7 @@ impl Connection {
                 access: cfg.access,
                 session,
                 max_transfer: cfg.max_transfer,
-                features: features::ALL,
+                features,
             },
         );
         tx.send(&buf).await?;
@@ -212,14 +222,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Receives the next reply, whichever transaction it answers.
+    /// Receives the next reply, whichever transaction it answers. A RESIZE on the way
+    /// updates [`info`](Self::info)'s size.
     pub async fn recv(&mut self) -> Result<(ReplyHeader, Vec<u8>), ClientError> {
-        match self.rx.recv(&self.limits).await? {
-            Some(Frame::Reply(h, data)) => Ok((h, data.to_vec())),
-            Some(_) => {
-                Err(ChannelError::Protocol("server sent a frame other than REPLY".into()).into())
+        loop {
+            match self.rx.recv(&self.limits).await? {
+                Some(Frame::Reply(h, data)) => return Ok((h, data.to_vec())),
+                Some(Frame::Resize(size)) => self.info.size = size,
+                Some(_) => {
+                    let why = "server sent a frame other than REPLY or RESIZE";
+                    return Err(ChannelError::Protocol(why.into()).into());
+                }
+                None => return Err(ChannelError::Io(io::ErrorKind::UnexpectedEof.into()).into()),
             }
-            None => Err(ChannelError::Io(io::ErrorKind::UnexpectedEof.into()).into()),
         }
     }
 

@@ -84,6 +84,8 @@ impl Histogram {
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     pub connected: bool,
+    /// The export's size in bytes; it grows when the export does.
+    pub size: u64,
     pub in_flight: usize,
     pub in_flight_bytes: usize,
     /// Highest `in_flight_bytes` seen: shows that the window bounds memory.
@@ -101,6 +103,7 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let l = &self.latency;
         writeln!(f, "connected {}", self.connected as u8)?;
+        writeln!(f, "size {}", self.size)?;
         writeln!(f, "in_flight {}", self.in_flight)?;
         writeln!(f, "in_flight_bytes {}", self.in_flight_bytes)?;
         writeln!(f, "max_in_flight_bytes {}", self.max_in_flight_bytes)?;

@@ -38,12 +38,14 @@ const FENCE_WAIT: Duration = Duration::from_secs(5);
 const CACHE_PER_REQUEST: usize = 4;
 
 /// A connection after negotiation: its channel halves, its session, its place among its
-/// key's connections, among all, and in the budget.
+/// key's connections, among all, and in the budget, and the export's size its client was
+/// given if it takes RESIZE notices.
 type Opened = (
     Sender<TcpStream>,
     channel::Receiver<TcpStream>,
     Arc<Session>,
     Places,
+    Option<u64>,
 );
 
 /// A connection's places among its key's connections, among all, and in the budget;
@@ -118,7 +120,7 @@ impl Shared {
     ) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let handshake = self.clone().handshake(conn, stream, slot);
-        let (tx, rx, session, _places) = match self.handshakers.spawn(handshake).await {
+        let (tx, rx, session, _places, told) = match self.handshakers.spawn(handshake).await {
             Ok(v) => v,
             Err(Unopened::Evicted) => return,
             Err(Unopened::Stranger(kind, why)) => {
@@ -138,7 +140,7 @@ impl Shared {
         );
         let hangup = tx.hangup();
         let replies = Replies::new(tx, self.pool.clone());
-        session.attach(conn, replies.clone());
+        session.attach(conn, replies.clone(), told);
         self.sessions.lock().unwrap().attach(&session.id, conn);
         let stopped = async {
             let stop = self.stop.listen();
@@ -304,6 +306,8 @@ impl Shared {
                 ),
             )),
         };
+        // Read once: the size told is the size the client knows.
+        let size = result.as_ref().map_or(0, |s| s.export.size());
         let welcome = match &result {
             Ok(s) => Welcome::Accepted(ExportInfo {
                 version: PROTOCOL_VERSION,
@@ -312,7 +316,7 @@ impl Shared {
                 session: s.id,
                 resumed: hello.session == Some(s.id),
                 boot_id: self.boot_id.clone(),
-                size: s.export.size,
+                size,
                 block_size: s.export.block_size,
                 max_transfer: self.max_transfer.min(hello.max_transfer.max(64 << 10)),
                 features: features::ALL,
@@ -337,6 +341,7 @@ impl Shared {
                     _all: open.expect("negotiated only with a slot"),
                     _budget: admission.expect("negotiated only when admitted"),
                 },
+                (hello.features & features::RESIZE != 0).then_some(size),
             )),
             Err((_, message)) => Err(Unopened::Negotiation(format!("refused: {message}"))),
         }

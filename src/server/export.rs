@@ -2,12 +2,17 @@
 //! on it. Requests reach here already checked against the export's size and access.
 //! With `:checksums` (or `:checksums=TABLE`), reads and changes go through the export's
 //! [`ChecksumTable`].
+//!
+//! An export may grow while the server runs ([`Export::check_size`]): the image file made
+//! longer, the block device enlarged. It never shrinks under its clients, and one with
+//! checksums keeps its size, since its table is laid out for the size it was made for.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -99,7 +104,10 @@ impl std::str::FromStr for ExportSpec {
 pub struct Export {
     pub name: String,
     pub path: PathBuf,
-    pub size: u64,
+    /// Bytes served; only grows (see [`Export::check_size`]).
+    size: AtomicU64,
+    /// The last size found on disk and refused, so that a refusal is logged once.
+    refused: AtomicU64,
     pub block_size: u32,
     pub read_only: bool,
     file: File,
@@ -194,7 +202,8 @@ impl Export {
         Ok(Export {
             name: spec.name.clone(),
             path: path.clone(),
-            size,
+            size: AtomicU64::new(size),
+            refused: AtomicU64::new(size),
             block_size,
             read_only: spec.read_only,
             file,
@@ -206,11 +215,59 @@ impl Export {
         })
     }
 
+    /// Bytes the export has now.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     /// Whether `offset..offset+length` lies inside the export.
     pub fn contains(&self, offset: u64, length: u32) -> bool {
         offset
             .checked_add(length as u64)
-            .is_some_and(|end| end <= self.size)
+            .is_some_and(|end| end <= self.size())
+    }
+
+    /// Reads the size of the file or device again; returns the new size if the export
+    /// grew. A change that is refused is logged once, and the old size stays.
+    pub fn check_size(&self) -> Option<u64> {
+        let found = match (&self.file).seek(SeekFrom::End(0)) {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("export '{}': cannot read its size: {e}", self.name);
+                return None;
+            }
+        };
+        let current = self.size();
+        match resize(current, found, self.checksums.is_some()) {
+            Resize::Same => {
+                self.refused.store(current, Ordering::Relaxed);
+                None
+            }
+            Resize::Grow => {
+                // A SIGHUP and the periodic look may race: one of them grows it.
+                self.size
+                    .compare_exchange(current, found, Ordering::AcqRel, Ordering::Acquire)
+                    .ok()?;
+                self.refused.store(found, Ordering::Relaxed);
+                log::info!(
+                    "export '{}': {} grew from {current} to {found} bytes",
+                    self.name,
+                    self.path.display()
+                );
+                Some(found)
+            }
+            Resize::Refuse(why) => {
+                if self.refused.swap(found, Ordering::Relaxed) != found {
+                    log::warn!(
+                        "export '{}': {} is now {found} bytes: {why}; still serving \
+                         {current} bytes",
+                        self.name,
+                        self.path.display()
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Executes one request, then calls `done` with its outcome; blocking, so run it off
@@ -399,6 +456,36 @@ impl Export {
     }
 }
 
+/// What a size found on disk does to an export of `current` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resize {
+    Same,
+    /// The export takes the new size.
+    Grow,
+    /// The old size stays, for this reason.
+    Refuse(&'static str),
+}
+
+/// Decides what the size `found` on disk does to an export of `current` bytes; pure.
+pub fn resize(current: u64, found: u64, checksums: bool) -> Resize {
+    if found == current {
+        Resize::Same
+    } else if found < current {
+        Resize::Refuse(
+            "shrinking is refused, since clients may hold data past the new end; \
+             restore the size, or stop the clients and restart the server",
+        )
+    } else if checksums {
+        Resize::Refuse(
+            "an export with checksums cannot grow while served, since its table is laid out \
+             for its size; stop the server, run `dst-server scrub --export NAME=PATH \
+             --repair-table`, and start it again",
+        )
+    } else {
+        Resize::Grow
+    }
+}
+
 fn errno(e: &io::Error) -> u32 {
     e.raw_os_error().unwrap_or(libc::EIO) as u32
 }
@@ -416,6 +503,15 @@ fn logical_block_size(file: &File) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exports_grow_but_never_shrink() {
+        assert_eq!(resize(4096, 4096, false), Resize::Same);
+        assert_eq!(resize(4096, 8192, false), Resize::Grow);
+        assert!(matches!(resize(8192, 4096, false), Resize::Refuse(w) if w.contains("shrink")));
+        assert!(matches!(resize(4096, 8192, true), Resize::Refuse(w) if w.contains("checksums")));
+        assert_eq!(resize(4096, 4096, true), Resize::Same);
+    }
 
     #[test]
     fn export_spec_suffixes_in_any_order() {

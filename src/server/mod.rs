@@ -130,6 +130,9 @@ impl Config {
     pub const DEFAULT_MAX_HANDSHAKES_PER_PREFIX: usize = 16;
 }
 
+/// Seconds between looks at the exports' sizes, besides those on SIGHUP.
+const SIZE_CHECK_TICKS: u32 = 5;
+
 /// Bytes of idle payload buffers kept for reuse.
 const POOL_BYTES: usize = 32 << 20;
 
@@ -218,7 +221,7 @@ impl Server {
                 "export '{}': {} ({} bytes{})",
                 export.name,
                 export.path.display(),
-                export.size,
+                export.size(),
                 if export.read_only { ", read-only" } else { "" }
             );
             exports.insert(spec.name.clone(), Arc::new(export));
@@ -295,17 +298,21 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> io::Result<()> {
         let shared = self.shared.clone();
         // Each second: refusals held back are summarised even once a flood stops, and
-        // sessions past their linger time let go of what they hold.
+        // sessions past their linger time let go of what they hold. Every few seconds, the
+        // exports' sizes are looked at.
         let _ticks = smol::spawn({
             let shared = shared.clone();
             async move {
-                loop {
+                for tick in 1u32.. {
                     smol::Timer::after(Duration::from_secs(1)).await;
                     let lines = shared.refusals.lock().unwrap().flush(Instant::now());
                     for (kind, line) in lines {
                         log::log!(kind.level(), "{line}");
                     }
                     shared.expire_sessions();
+                    if tick % SIZE_CHECK_TICKS == 0 {
+                        shared.check_sizes();
+                    }
                 }
             }
         });
@@ -359,7 +366,32 @@ impl Server {
     }
 }
 
-/// Reloads the authorized keys of a running server (on SIGHUP, say) and sums up its state.
+impl Shared {
+    /// Reads every export's size again; the connected clients of one that grew are told
+    /// (those that take RESIZE notices), and new clients get the new size. Returns the
+    /// exports that grew.
+    fn check_sizes(&self) -> usize {
+        let grown: Vec<&Arc<Export>> = self
+            .exports
+            .values()
+            .filter(|e| e.check_size().is_some())
+            .collect();
+        if !grown.is_empty() {
+            let sessions: Vec<Arc<Session>> =
+                self.sessions.lock().unwrap().values().cloned().collect();
+            for s in sessions
+                .iter()
+                .filter(|s| grown.iter().any(|e| Arc::ptr_eq(e, &s.export)))
+            {
+                s.tell_size();
+            }
+        }
+        grown.len()
+    }
+}
+
+/// Reloads the authorized keys of a running server and looks at its exports' sizes (on
+/// SIGHUP, say), and sums up its state.
 #[derive(Clone)]
 pub struct Control(Arc<Shared>);
 
@@ -393,5 +425,11 @@ impl Control {
         let n = keys.len();
         *self.0.authorized_keys.write().unwrap() = keys;
         Ok(n)
+    }
+
+    /// Reads every export's size again now (see [`Export::check_size`]); returns how many
+    /// grew. Refusals are logged there.
+    pub fn check_sizes(&self) -> usize {
+        self.0.check_sizes()
     }
 }

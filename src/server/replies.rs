@@ -7,6 +7,9 @@
 //! Whoever has the turn never waits on the socket: what the socket does not take at once
 //! is finished by a task on the executor, which keeps the turn until the queue is empty.
 //! A client that does not read holds up its own connection, never an I/O thread.
+//!
+//! A RESIZE notice goes out the same way, ahead of the replies queued with it; only the
+//! latest size is kept.
 
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +43,8 @@ pub(super) struct Replies<W> {
 
 struct Queue<W> {
     replies: Vec<Reply>,
+    /// A new size of the export to tell the client.
+    resize: Option<u64>,
     /// The channel's sending half, here while nobody has the turn.
     wire: Option<Wire<W>>,
     /// Why nothing more is sent: the connection failed or was closed. Replies queued
@@ -52,6 +57,8 @@ struct Wire<W> {
     out: Outgoing,
     /// Replies sealed into `tx` and not yet all written.
     unsent: Vec<Reply>,
+    /// A RESIZE notice to seal before them.
+    resize: Option<u64>,
 }
 
 /// The right to send a connection's replies, held by one at a time.
@@ -66,10 +73,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Replies<W> {
         Arc::new(Replies {
             queue: Mutex::new(Queue {
                 replies: Vec::new(),
+                resize: None,
                 wire: Some(Wire {
                     tx,
                     out: Outgoing::default(),
                     unsent: Vec::new(),
+                    resize: None,
                 }),
                 ended: None,
             }),
@@ -89,6 +98,21 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Replies<W> {
             return None;
         }
         q.replies.push(reply);
+        let wire = q.wire.take()?;
+        Some(Turn {
+            replies: self.clone(),
+            wire,
+        })
+    }
+
+    /// Queues a RESIZE notice of the export's new `size`; returns the turn as
+    /// [`queue`](Self::queue) does.
+    pub fn resize(self: &Arc<Self>, size: u64) -> Option<Turn<W>> {
+        let mut q = self.queue.lock().unwrap();
+        if q.ended.is_some() {
+            return None;
+        }
+        q.resize = Some(size);
         let wire = q.wire.take()?;
         Some(Turn {
             replies: self.clone(),
@@ -171,7 +195,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Turn<W> {
         let Turn { replies, mut wire } = self;
         {
             let mut q = replies.queue.lock().unwrap();
-            if q.replies.is_empty() {
+            if q.replies.is_empty() && q.resize.is_none() {
                 q.wire = Some(wire);
                 drop(q);
                 replies.idle.notify(usize::MAX);
@@ -188,6 +212,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Turn<W> {
                 })
                 .count();
             wire.unsent.extend(q.replies.drain(..n));
+            wire.resize = q.resize.take();
         }
         wire.seal();
         Some(Turn { replies, wire })
@@ -216,6 +241,9 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// from its own buffer.
     fn seal(&mut self) {
         self.out.clear();
+        if let Some(size) = self.resize.take() {
+            protocol::encode_resize(self.out.staged(), size);
+        }
         for (i, r) in self.unsent.iter().enumerate() {
             if r.data.len() < Outgoing::INLINE {
                 protocol::encode_reply(self.out.staged(), &r.header, &r.data);
@@ -356,6 +384,34 @@ mod tests {
         assert_eq!(consume(&mut rx, 40, 1 << 20), (0..40).collect::<Vec<_>>());
         smol::block_on(replies.close());
         assert_eq!(free(&window), 64 << 20);
+    }
+
+    #[test]
+    fn a_resize_notice_goes_out_ahead_of_the_replies_queued_with_it() {
+        let ((_, mut rx), (tx, _)) = pair(Cipher::ChaChaPoly);
+        let replies = Replies::new(tx, Arc::new(Pool::new(8 << 20)));
+        let window = window();
+        // Held by a producer: both wait in the queue, then go out in one batch.
+        let held = replies.queue(reply(1, 10, &replies.pool, &window)).unwrap();
+        assert!(replies.resize(1 << 30).is_none(), "the turn is taken");
+        assert!(replies.resize(2 << 30).is_none());
+        held.send();
+        smol::block_on(async {
+            assert_eq!(
+                rx.recv(&LIMITS).await.unwrap(),
+                Some(Frame::Resize(2 << 30))
+            );
+        });
+        assert_eq!(consume(&mut rx, 1, 10), vec![1]);
+        // Alone, a notice takes the turn itself.
+        replies.resize(3 << 30).unwrap().send();
+        smol::block_on(async {
+            assert_eq!(
+                rx.recv(&LIMITS).await.unwrap(),
+                Some(Frame::Resize(3 << 30))
+            );
+        });
+        smol::block_on(replies.close());
     }
 
     #[test]

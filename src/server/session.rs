@@ -81,6 +81,8 @@ pub(super) struct SessionState {
     pub cache: ReplyCache,
     /// Where replies go: the session's current connection, if it has one.
     sink: Option<(u64, Arc<Replies<TcpStream>>)>,
+    /// The size the client on that connection knows, if it takes RESIZE notices.
+    told: Option<u64>,
 }
 
 impl Session {
@@ -98,7 +100,11 @@ impl Session {
             export,
             access,
             counters,
-            state: Mutex::new(SessionState { cache, sink: None }),
+            state: Mutex::new(SessionState {
+                cache,
+                sink: None,
+                told: None,
+            }),
             fence: Mutex::new(Fence::default()),
             drained: event_listener::Event::new(),
         }
@@ -147,9 +153,35 @@ impl Session {
         self.state.lock().unwrap()
     }
 
-    /// Replies go to connection `conn` from now on.
-    pub fn attach(&self, conn: u64, sink: Arc<Replies<TcpStream>>) {
-        self.state().sink = Some((conn, sink));
+    /// Replies go to connection `conn` from now on. `told` is the size its client was
+    /// given, if it takes RESIZE notices: one goes out at once if the export grew since.
+    pub fn attach(&self, conn: u64, sink: Arc<Replies<TcpStream>>, told: Option<u64>) {
+        {
+            let mut st = self.state();
+            st.sink = Some((conn, sink));
+            st.told = told;
+        }
+        self.tell_size();
+    }
+
+    /// Tells the connected client the export's size, if it takes RESIZE notices and knows
+    /// another size.
+    pub fn tell_size(&self) {
+        let size = self.export.size();
+        let turn = {
+            let mut st = self.state();
+            match (&st.sink, st.told) {
+                (Some((_, sink)), Some(told)) if told != size => {
+                    let turn = sink.resize(size);
+                    st.told = Some(size);
+                    turn
+                }
+                _ => None,
+            }
+        };
+        if let Some(turn) = turn {
+            turn.send();
+        }
     }
 
     /// Connection `conn` ended: if replies went there, they go nowhere now.
@@ -157,6 +189,7 @@ impl Session {
         let mut st = self.state();
         if st.sink.as_ref().is_some_and(|(c, _)| *c == conn) {
             st.sink = None;
+            st.told = None;
         }
     }
 

@@ -215,6 +215,11 @@ impl<V: Clone> SessionTable<V> {
             .collect()
     }
 
+    /// Every session, connected or lingering.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.entries.values().map(|e| &e.value)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

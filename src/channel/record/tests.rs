@@ -69,6 +69,7 @@ fn seal_frames(enc: &mut Encoder, sizes: &[usize], ends: &[bool]) -> Vec<OwnedFr
                 Head::Request(h) => protocol::encode_request_head(staged, &h, f.payload.len()),
                 Head::Reply(h) if whole => protocol::encode_reply(staged, &h, payload),
                 Head::Reply(h) => protocol::encode_reply_head(staged, &h, f.payload.len()),
+                Head::Resize(size) => protocol::encode_resize(staged, size),
             }
             if !whole {
                 out.payload(j);

@@ -336,13 +336,32 @@ fn a_batch_stops_at_its_byte_limit() {
 }
 
 #[test]
+fn a_grown_export_is_taken_at_its_new_size() {
+    let t0 = Instant::now();
+    let mut c = core(t0);
+    let size = c.size();
+    assert!(!c.on_resize(size), "the same size is no news");
+    assert!(c.on_resize(size * 2));
+    assert!(!c.on_resize(size), "a smaller size is ignored");
+    assert_eq!((c.size(), c.stats().size), (size * 2, size * 2));
+    // Grown again while disconnected: the reconnect takes the new size.
+    submit(&mut c, t0, Op::Write, "w");
+    c.on_lost(t0);
+    let mut grown = info("boot-a", true);
+    grown.size = size * 3;
+    assert!(c.on_connected(t0 + MS, &grown).is_ok());
+    assert_eq!(c.size(), size * 3);
+    assert_eq!(sent(&mut c, t0 + MS).len(), 1, "the write goes out again");
+}
+
+#[test]
 fn a_changed_export_fails_everything_from_then_on() {
     let t0 = Instant::now();
     let mut c = core(t0);
     submit(&mut c, t0, Op::Write, "w");
     c.on_lost(t0);
     let mut other = info("boot-a", true);
-    other.size *= 2;
+    other.size /= 2;
     assert_eq!(c.on_connected(t0, &other), Err(vec![("w", libc::EIO)]));
     assert!(matches!(
         c.submit(t0, req(Op::Read, 10, t0, "r")),
