@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use smol::future::FutureExt;
@@ -18,7 +18,7 @@ use super::negotiation::Refused;
 use super::replies::Replies;
 use super::reply_cache::ReplyCache;
 use super::session::Session;
-use super::sessions::{Ask, EndReason, Ended};
+use super::sessions::{Ask, EndReason, Ended, SessionTable};
 use super::{negotiation, Shared};
 use crate::channel::{self, FirstFlight, Sender};
 use crate::keys::PublicKey;
@@ -54,6 +54,34 @@ struct Places {
     _key: Slot<PublicKey>,
     _all: Slot<()>,
     _budget: Admission,
+    attachment: Attachment,
+}
+
+/// What negotiation made or found: the session, its hold on the connection, and the ended
+/// sessions of its export that its first request must wait for.
+struct Negotiated {
+    session: Arc<Session>,
+    attachment: Attachment,
+    fence: Vec<Arc<Session>>,
+}
+
+/// A session's hold on its connection in the session table. The session is attached from
+/// the moment it is made or resumed, under the table's lock, so no other connection sees it
+/// disconnected (to evict, or to take over) while its WELCOME is on the way; it is detached,
+/// and lingers, when this is dropped, however the connection ends.
+struct Attachment {
+    sessions: Arc<Mutex<SessionTable<Arc<Session>>>>,
+    id: SessionId,
+    conn: u64,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.sessions
+            .lock()
+            .unwrap()
+            .detach(&self.id, self.conn, Instant::now());
+    }
 }
 
 /// Why a connection was not opened.
@@ -120,7 +148,7 @@ impl Shared {
     ) {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let handshake = self.clone().handshake(conn, stream, slot);
-        let (tx, rx, session, _places, told) = match self.handshakers.spawn(handshake).await {
+        let (tx, rx, session, places, told) = match self.handshakers.spawn(handshake).await {
             Ok(v) => v,
             Err(Unopened::Evicted) => return,
             Err(Unopened::Stranger(kind, why)) => {
@@ -141,7 +169,12 @@ impl Shared {
         let hangup = tx.hangup();
         let replies = Replies::new(tx, self.pool.clone());
         session.attach(conn, replies.clone(), told);
-        self.sessions.lock().unwrap().attach(&session.id, conn);
+        let Places {
+            attachment,
+            _key,
+            _all,
+            _budget,
+        } = places;
         let stopped = async {
             let stop = self.stop.listen();
             if !self.shutting_down.load(Ordering::SeqCst) {
@@ -190,10 +223,7 @@ impl Shared {
         drop(closing_tx);
         let _ = hangup.shutdown(Shutdown::Read);
         session.detach(conn);
-        self.sessions
-            .lock()
-            .unwrap()
-            .detach(&session.id, conn, Instant::now());
+        drop(attachment);
         // Logged once the session is free to be resumed, taken over or evicted.
         log::info!("{peer}: connection {conn} closed: {why}");
         replies.close().await;
@@ -279,8 +309,12 @@ impl Shared {
         let open = self.connections.try_take(&());
         let admission = self.budget.admit(conn);
         let result = match (&slot, &open, &admission) {
-            (Some(_), Some(_), Some(_)) => match self.negotiate(&client, &hello) {
-                Ok((session, fence)) => self.fence(session, fence).await,
+            (Some(_), Some(_), Some(_)) => match self.negotiate(conn, &client, &hello) {
+                Ok(Negotiated {
+                    session,
+                    attachment,
+                    fence,
+                }) => self.fence(session, fence).await.map(|s| (s, attachment)),
                 Err(refused) => Err(refused),
             },
             (Some(_), Some(_), None) => Err((
@@ -307,9 +341,9 @@ impl Shared {
             )),
         };
         // Read once: the size told is the size the client knows.
-        let size = result.as_ref().map_or(0, |s| s.export.size());
+        let size = result.as_ref().map_or(0, |(s, _)| s.export.size());
         let welcome = match &result {
-            Ok(s) => Welcome::Accepted(ExportInfo {
+            Ok((s, _)) => Welcome::Accepted(ExportInfo {
                 version: PROTOCOL_VERSION,
                 export: s.export.name.clone(),
                 access: s.access,
@@ -332,7 +366,7 @@ impl Shared {
             .await
             .map_err(|e| Unopened::Negotiation(e.to_string()))?;
         match result {
-            Ok(s) => Ok((
+            Ok((s, attachment)) => Ok((
                 tx,
                 rx,
                 s,
@@ -340,6 +374,7 @@ impl Shared {
                     _key: slot.expect("negotiated only with a slot"),
                     _all: open.expect("negotiated only with a slot"),
                     _budget: admission.expect("negotiated only when admitted"),
+                    attachment,
                 },
                 (hello.features & features::RESIZE != 0).then_some(size),
             )),
@@ -352,9 +387,10 @@ impl Shared {
     /// must wait for (see [`fence`](Self::fence)).
     fn negotiate(
         &self,
+        conn: u64,
         client: &PublicKey,
         hello: &Hello,
-    ) -> Result<(Arc<Session>, Vec<Arc<Session>>), Refused> {
+    ) -> Result<Negotiated, Refused> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err((libc::ESHUTDOWN, "the server is shutting down".into()));
         }
@@ -378,9 +414,19 @@ impl Shared {
             .lookup(client)
             .map(|k| k.comment.clone())
             .unwrap_or_default();
+        let attachment = |id| Attachment {
+            sessions: self.sessions.clone(),
+            id,
+            conn,
+        };
         let mut sessions = self.sessions.lock().unwrap();
         if let Some(s) = hello.session.and_then(|id| sessions.resume(&id, &ask)) {
-            return Ok((s, Vec::new()));
+            sessions.attach(&s.id, conn);
+            return Ok(Negotiated {
+                attachment: attachment(s.id),
+                session: s,
+                fence: Vec::new(),
+            });
         }
         let session = Arc::new(Session::new(
             random_id(),
@@ -393,6 +439,9 @@ impl Shared {
         let now = Instant::now();
         let ended = sessions.expire(now);
         let made = sessions.create(session.id, &ask, session.clone(), now);
+        if made.is_ok() {
+            sessions.attach(&session.id, conn);
+        }
         drop(sessions);
         self.end_sessions(ended);
         let gone =
@@ -409,7 +458,11 @@ impl Shared {
                     .cloned(),
             );
         }
-        Ok((session, fence))
+        Ok(Negotiated {
+            attachment: attachment(session.id),
+            session,
+            fence,
+        })
     }
 
     /// Admits the new writer `session` once nothing of the ended sessions `fence` (of its

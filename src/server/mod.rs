@@ -175,7 +175,7 @@ struct Shared {
     rates: Mutex<Rates>,
     refusals: Mutex<RefusalLog>,
     handshakers: Handshakers,
-    sessions: Mutex<SessionTable<Arc<Session>>>,
+    sessions: Arc<Mutex<SessionTable<Arc<Session>>>>,
     /// Ended read-write sessions with requests still executing: the next writer of their
     /// export waits for them (see `session`).
     draining: Mutex<Vec<Arc<Session>>>,
@@ -259,11 +259,11 @@ impl Server {
             refusals: Mutex::new(RefusalLog::new()),
             handshakers: Handshakers::new(handshakers::threads())
                 .map_err(|e| format!("cannot start handshake threads: {e}"))?,
-            sessions: Mutex::new(SessionTable::new(SessionLimits {
+            sessions: Arc::new(Mutex::new(SessionTable::new(SessionLimits {
                 per_key: cfg.max_sessions_per_key.max(1),
                 total: cfg.max_sessions.max(1),
                 linger: cfg.session_linger,
-            })),
+            }))),
             draining: Mutex::new(Vec::new()),
             workers: Workers::new(io_threads(), cfg.max_transfer as u64 + fair::BASE_COST)
                 .map_err(|e| format!("cannot start I/O threads: {e}"))?,
