@@ -12,10 +12,10 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::mount::{kill, run, unmount_quietly, wait_until, DstMount, Loop};
+use common::mount::{check_files, kill, run, wait_until, write_files, DstMount, FsMount, Loop};
 use common::{connect, pattern, Setup};
 use dst::client::Connection;
 use dst::protocol::{features, Access};
@@ -23,44 +23,6 @@ use dst::protocol::{features, Access};
 const MIB: u64 = 1 << 20;
 /// Long enough for the server's periodic look (every 5 s) and a loaded machine.
 const FOLLOW: Duration = Duration::from_secs(30);
-
-/// A filesystem mounted from a device; unmounted on drop.
-struct FsMount {
-    dir: PathBuf,
-}
-
-impl FsMount {
-    fn mount(dev: &str, dir: &Path) -> FsMount {
-        fs::create_dir_all(dir).unwrap();
-        run("mount", &[dev, dir.to_str().unwrap()]);
-        FsMount {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        unmount_quietly(&self.dir);
-    }
-}
-
-/// Files of pseudo-random data: (name, length, seed).
-type Files = Vec<(String, usize, u64)>;
-
-fn write_files(root: &Path, files: &Files) {
-    for (name, len, seed) in files {
-        fs::write(root.join(name), pattern(*len, *seed)).unwrap();
-    }
-    run("sync", &["-f", root.to_str().unwrap()]);
-}
-
-fn check_files(root: &Path, files: &Files) {
-    for (name, len, seed) in files {
-        let data = fs::read(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(data == pattern(*len, *seed), "{name}: contents differ");
-    }
-}
 
 /// The `size` line of the mount's `.stats`.
 fn stats_size(m: &DstMount) -> u64 {
@@ -92,11 +54,11 @@ fn grow_online(kind: Kind) {
     let s = Setup::new();
     let size = format!("{}M", kind.old_mib);
     let server = s.server(&["--export", "disk=disk.img", "--create-size", &size]);
-    let before: Files = (0..4)
+    let before: Vec<(String, usize, u64)> = (0..4)
         .map(|i| (format!("before{i}"), (3 * MIB + i * 4099) as usize, i))
         .collect();
     // Larger than the whole old export: some of it lies past the old end.
-    let after: Files = vec![("after".into(), (old + 64 * MIB) as usize, 99)];
+    let after: Vec<(String, usize, u64)> = vec![("after".into(), (old + 64 * MIB) as usize, 99)];
     {
         let mut m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
         {
@@ -104,7 +66,7 @@ fn grow_online(kind: Kind) {
             let mut mkfs = kind.mkfs.to_vec();
             mkfs.push(&lo.dev);
             run(mkfs[0], &mkfs[1..]);
-            let fsm = FsMount::mount(&lo.dev, &s.path("fs"));
+            let fsm = FsMount::mount(&lo.dev, &s.path("fs"), "rw");
             write_files(&fsm.dir, &before);
             assert_eq!(stats_size(&m), old);
 
@@ -147,7 +109,7 @@ fn grow_online(kind: Kind) {
     let m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
     assert_eq!(fs::metadata(m.file()).unwrap().len(), new);
     let lo = Loop::attach(&m.file(), &["--direct-io=on"]);
-    let fsm = FsMount::mount(&lo.dev, &s.path("fs"));
+    let fsm = FsMount::mount(&lo.dev, &s.path("fs"), "rw");
     check_files(&fsm.dir, &before);
     check_files(&fsm.dir, &after);
 }

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::mount::{
-    kill, mount_entry, mounted_type, run, unmount_quietly, wait_until, which, AlignedBuf, DstMount,
-    Loop,
+    check_files, kill, mount_entry, mounted_type, run, unmount_quietly, wait_until, which,
+    write_files, AlignedBuf, DstMount, FsMount, Loop,
 };
 use common::{allocated_blocks, pattern, Setup};
 
@@ -30,27 +30,6 @@ const MIB: u64 = 1 << 20;
 
 fn mounted_options(dir: &Path) -> String {
     mount_entry(dir).map(|f| f[3].clone()).unwrap_or_default()
-}
-
-/// A filesystem mounted from a device; unmounted on drop.
-struct FsMount {
-    dir: PathBuf,
-}
-
-impl FsMount {
-    fn mount(dev: &str, dir: &Path, options: &str) -> FsMount {
-        fs::create_dir_all(dir).unwrap();
-        run("mount", &["-o", options, dev, dir.to_str().unwrap()]);
-        FsMount {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        unmount_quietly(&self.dir);
-    }
 }
 
 /// Files of pseudo-random data: (path relative to the filesystem, length, seed).
@@ -71,22 +50,6 @@ fn file_set() -> Vec<(String, usize, u64)> {
         files.push((format!("dir/many/f{i}"), len, 10 + i));
     }
     files
-}
-
-fn write_files(root: &Path, files: &[(String, usize, u64)]) {
-    for (name, len, seed) in files {
-        let path = root.join(name);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(&path, pattern(*len, *seed)).unwrap();
-    }
-}
-
-fn check_files(root: &Path, files: &[(String, usize, u64)]) {
-    for (name, len, seed) in files {
-        let data = fs::read(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(data.len(), *len, "{name}: length");
-        assert!(data == pattern(*len, *seed), "{name}: contents differ");
-    }
 }
 
 /// The whole path: a filesystem made and filled through dst-mount and a loop device with

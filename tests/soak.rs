@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::mount::{kill, mounted_type, output, run, unmount_quietly, AlignedBuf, DstMount, Loop};
+use common::mount::{kill, mounted_type, output, run, AlignedBuf, DstMount, FsMount, Loop};
 use common::proxy::{live_threads, Direction, Fault, Proxy};
 use common::{ServerProcess, Setup};
 use xxhash_rust::xxh3::xxh3_64;
@@ -229,37 +229,6 @@ fn run_soak(s: &Setup, length: Duration) {
             "{} faults ended connections, yet dst-mount never reconnected",
             faults.disconnecting
         );
-    }
-}
-
-/// A filesystem mounted from a device; unmounted on drop unless [`FsMount::unmount`] did.
-struct FsMount {
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl FsMount {
-    fn mount(dev: &str, dir: &Path, options: &str) -> FsMount {
-        fs::create_dir_all(dir).unwrap();
-        run("mount", &["-o", options, dev, dir.to_str().unwrap()]);
-        FsMount {
-            dir: dir.to_path_buf(),
-            mounted: true,
-        }
-    }
-
-    /// `umount DIR`, which must succeed.
-    fn unmount(&mut self) {
-        run("umount", &[self.dir.to_str().unwrap()]);
-        self.mounted = false;
-    }
-}
-
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            unmount_quietly(&self.dir);
-        }
     }
 }
 

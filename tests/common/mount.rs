@@ -256,6 +256,63 @@ impl Drop for DstMount {
     }
 }
 
+/// A filesystem mounted from a device; unmounted on drop unless [`FsMount::unmount`] did.
+pub struct FsMount {
+    pub dir: PathBuf,
+    mounted: bool,
+}
+
+impl FsMount {
+    /// `mount -o OPTIONS DEV DIR`.
+    pub fn mount(dev: &str, dir: &Path, options: &str) -> FsMount {
+        fs::create_dir_all(dir).unwrap();
+        run("mount", &["-o", options, dev, dir.to_str().unwrap()]);
+        FsMount {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    /// `umount DIR`, which must succeed.
+    pub fn unmount(&mut self) {
+        run("umount", &[self.dir.to_str().unwrap()]);
+        self.mounted = false;
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            unmount_quietly(&self.dir);
+        }
+    }
+}
+
+/// Files of pseudo-random data: (path relative to a directory, length, seed).
+pub type Files = [(String, usize, u64)];
+
+/// Writes `files` under `root`, making directories as needed, and syncs the filesystem.
+pub fn write_files(root: &Path, files: &Files) {
+    for (name, len, seed) in files {
+        let path = root.join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, crate::common::pattern(*len, *seed)).unwrap();
+    }
+    run("sync", &["-f", root.to_str().unwrap()]);
+}
+
+/// Checks that every one of `files` under `root` holds what [`write_files`] wrote.
+pub fn check_files(root: &Path, files: &Files) {
+    for (name, len, seed) in files {
+        let data = fs::read(root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(data.len(), *len, "{name}: length");
+        assert!(
+            data == crate::common::pattern(*len, *seed),
+            "{name}: contents differ"
+        );
+    }
+}
+
 /// A loop device; detached on drop.
 pub struct Loop {
     pub dev: String,
