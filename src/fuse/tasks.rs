@@ -1,0 +1,81 @@
+//! The tasks answering FUSE requests, counted so that shutdown can stop taking new ones
+//! (their requests fail with EIO) and wait for the last reply.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use event_listener::Event;
+
+/// Counts the tasks answering requests, so that shutdown can stop taking new ones and wait
+/// for the last reply.
+#[derive(Default)]
+pub struct Tasks {
+    running: AtomicUsize,
+    stopping: AtomicBool,
+    idle: Event,
+}
+
+/// One running task; dropping it ends it.
+pub struct TaskGuard(Arc<Tasks>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify(usize::MAX);
+        }
+    }
+}
+
+impl Tasks {
+    /// Registers a task, unless shutdown has begun.
+    pub(super) fn enter(self: &Arc<Self>) -> Option<TaskGuard> {
+        // Counted before `stopping` is checked, and `stop` sets `stopping` before it reads the
+        // count; with SeqCst on all four, either `stop` sees this task or it sees `stopping`.
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let guard = TaskGuard(self.clone());
+        if self.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Refuses new tasks (their requests fail with EIO) and waits for the running ones.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        loop {
+            let listener = self.idle.listen();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_waits_for_running_tasks_and_refuses_new_ones() {
+        let tasks = Arc::new(Tasks::default());
+        let a = tasks.enter().unwrap();
+        let b = tasks.enter().unwrap();
+        assert_eq!(tasks.running(), 2);
+        let stopper = {
+            let tasks = tasks.clone();
+            std::thread::spawn(move || smol::block_on(tasks.stop()))
+        };
+        drop(a);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!stopper.is_finished(), "stop returned with a task running");
+        assert!(tasks.enter().is_none(), "a task started during shutdown");
+        drop(b);
+        stopper.join().unwrap();
+        assert_eq!(tasks.running(), 0);
+    }
+}
