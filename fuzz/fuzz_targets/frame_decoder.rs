@@ -1,4 +1,4 @@
-//! The frame decoder and negotiation (HELLO, WELCOME) on arbitrary bytes: never a panic,
+//! The frame decoder and negotiation (HELLO, WELCOME), and RESIZE notices, on arbitrary bytes: never a panic,
 //! never more bytes claimed than given, and whatever decodes re-encodes to the same bytes.
 #![no_main]
 
@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
         // Negotiation skips unknown fields, so only what it understood round-trips.
         Frame::Hello(h) => protocol::encode_hello(&mut again, h),
         Frame::Welcome(w) => protocol::encode_welcome(&mut again, w),
+        Frame::Resize(size) => protocol::encode_resize(&mut again, *size),
     }
     let (back, _) = protocol::decode_frame(
         &again,
