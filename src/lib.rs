@@ -26,6 +26,7 @@ pub mod mount;
 pub mod mount_options;
 pub mod pool;
 pub mod process;
+pub mod prometheus;
 pub mod protocol;
 pub mod server;
 pub mod service;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use crate::fuse;
+use crate::prometheus::label_value;
 use crate::units::human_bytes;
 
 /// How `--status` prints.
@@ -116,8 +117,8 @@ const COUNTERS: [&str; 6] = [
 pub fn for_prometheus(source: &str, mountpoint: &Path, stats: &str) -> String {
     let labels = format!(
         "source=\"{}\",mountpoint=\"{}\"",
-        escape(source),
-        escape(&mountpoint.display().to_string())
+        label_value(source),
+        label_value(&mountpoint.display().to_string())
     );
     let mut out = String::new();
     for line in stats.lines() {
@@ -148,14 +149,6 @@ pub fn for_prometheus(source: &str, mountpoint: &Path, stats: &str) -> String {
         ));
     }
     out
-}
-
-/// A label value with `\\`, `"` and newlines escaped.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

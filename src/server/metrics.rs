@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use super::admission::Kind;
 use crate::keys::PublicKey;
+use crate::prometheus::label_value;
 use crate::protocol::Op;
 
 /// Upper bounds of the latency buckets, in microseconds; one more bucket is `+Inf`.
@@ -208,20 +209,6 @@ pub struct Gauges {
     pub budget_total: usize,
 }
 
-/// A label value with `\`, `"` and newlines escaped, as the text format wants.
-fn label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Writes a metric family's `# HELP` and `# TYPE` lines.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -237,7 +224,7 @@ pub fn render(exports: &[ExportView], metrics: &Metrics, gauges: &Gauges) -> Str
                 let _ = writeln!(
                     out,
                     "{name}{{export=\"{}\",op=\"{}\"}} {}",
-                    label(e.name),
+                    label_value(e.name),
                     op_name(*op),
                     get(c)
                 );
@@ -273,7 +260,7 @@ pub fn render(exports: &[ExportView], metrics: &Metrics, gauges: &Gauges) -> Str
             let _ = writeln!(
                 out,
                 "dst_errors_by_errno_total{{export=\"{}\",errno=\"{errno}\"}} {n}",
-                label(e.name)
+                label_value(e.name)
             );
         }
     }
@@ -285,7 +272,7 @@ pub fn render(exports: &[ExportView], metrics: &Metrics, gauges: &Gauges) -> Str
     );
     for e in exports {
         for (op, c) in OPS.iter().zip(&e.counters.ops) {
-            let labels = format!("export=\"{}\",op=\"{}\"", label(e.name), op_name(*op));
+            let labels = format!("export=\"{}\",op=\"{}\"", label_value(e.name), op_name(*op));
             let mut count = 0;
             for (i, n) in c.latency.buckets.iter().enumerate() {
                 count += n.load(Relaxed);
@@ -316,7 +303,7 @@ pub fn render(exports: &[ExportView], metrics: &Metrics, gauges: &Gauges) -> Str
             let _ = writeln!(
                 out,
                 "dst_checksum_corrupt_blocks{{export=\"{}\"}} {n}",
-                label(e.name)
+                label_value(e.name)
             );
         }
     }
@@ -331,7 +318,7 @@ pub fn render(exports: &[ExportView], metrics: &Metrics, gauges: &Gauges) -> Str
                 let _ = writeln!(
                     out,
                     "{name}{{client=\"{}\",key=\"{}\"}} {}",
-                    label(&c.comment),
+                    label_value(&c.comment),
                     c.fingerprint,
                     get(c)
                 );

@@ -147,15 +147,7 @@ impl ServerProcess {
 
     /// Waits until the log holds `needle`; the log is read by another thread.
     pub fn wait_for_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "log never said '{needle}':\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for_lines(&[needle], 1);
     }
 
     /// Waits until the log has `n` lines with every one of `parts`.
