@@ -8,16 +8,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::mount::{AlignedBuf, DstMount, Loop};
+use common::mount::{wait_until, AlignedBuf, DstMount, Loop};
+use common::workload::{patient, Workload};
 use common::{connect, file_bytes, pattern, Setup};
-use dst::client::engine::{Engine, EngineConfig};
+use dst::client::engine::Engine;
 use dst::client::ClientError;
 use dst::protocol::Access;
 
@@ -251,55 +251,13 @@ fn a_flipped_byte_fails_reads_through_the_fuse_file_and_a_loop_device() {
     assert_whole_image(&out);
 }
 
-fn engine_config(s: &Setup, server: &common::ServerProcess) -> EngineConfig {
-    EngineConfig {
-        resend_timeout: Duration::from_millis(500),
-        resend_count: 40,
-        ping_interval: Duration::from_millis(500),
-        ..EngineConfig::new(s.client(server, "disk", Access::ReadWrite))
+/// Writers on their own 64 KiB places spread over all four regions, some unaligned to
+/// 4 KiB.
+fn workload(writers: u64, rounds: u64) -> Workload {
+    Workload {
+        place: |n, len| (n % 4) * REGION + (n / 4) * (len as u64 + 512),
+        ..Workload::new(writers, 8, rounds, 64 << 10)
     }
-}
-
-/// Writers on their own 64 KiB blocks, each write read back, a flush every third round;
-/// returns block -> seed of its last acked write. Any error fails the test.
-async fn workload(engine: &Engine, writers: u64, rounds: u64) -> HashMap<u64, u64> {
-    const LEN: usize = 64 << 10;
-    let tasks: Vec<_> = (0..writers)
-        .map(|w| {
-            let engine = engine.clone();
-            smol::spawn(async move {
-                let mut model = HashMap::new();
-                for r in 0..rounds {
-                    for b in 0..8 {
-                        // Spread over all four regions, some blocks unaligned to 4 KiB.
-                        let block = w * 8 + b;
-                        let off = (block % 4) * REGION + (block / 4) * (LEN as u64 + 512);
-                        let seed = (block << 20) ^ r;
-                        let data = pattern(LEN, seed);
-                        engine
-                            .write(off, &data, false)
-                            .await
-                            .unwrap_or_else(|e| panic!("write {block}: errno {e}"));
-                        model.insert(off, seed);
-                        let back = engine
-                            .read(off, LEN as u32)
-                            .await
-                            .unwrap_or_else(|e| panic!("read {block}: errno {e}"));
-                        assert!(back == data, "block {block} read back wrong");
-                    }
-                    if r % 3 == 2 {
-                        engine.flush().await.unwrap();
-                    }
-                }
-                model
-            })
-        })
-        .collect();
-    let mut model = HashMap::new();
-    for t in tasks {
-        model.extend(t.await);
-    }
-    model
 }
 
 #[test]
@@ -315,13 +273,20 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
     ];
     let mut server = s.server(&args);
     let addr = server.addr;
-    let engine = block_on(Engine::start(engine_config(&s, &server))).unwrap();
+    let engine = block_on(Engine::start(patient(s.client(
+        &server,
+        "disk",
+        Access::ReadWrite,
+    ))))
+    .unwrap();
     let run = smol::spawn({
         let engine = engine.clone();
-        async move { workload(&engine, 4, 40).await }
+        async move { workload(4, 40).run(&engine).await }
     });
-    std::thread::sleep(Duration::from_millis(700));
-    let before = engine.stats().bytes_written;
+    // Killed after a few checkpoints' worth of writes.
+    wait_until("writes to be acked", Duration::from_secs(20), || {
+        engine.stats().bytes_written >= 8 << 20
+    });
     server.stop(libc::SIGKILL);
 
     // The table was left dirty: scrub recovers it and finds nothing corrupt.
@@ -340,12 +305,9 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
         model
     });
     let stats = engine.stats();
-    assert!(before > 0, "the workload was running when the server died");
     assert!(stats.reconnects >= 1, "{stats}");
     assert_eq!(stats.failures, 0, "{stats}");
-    for (off, seed) in &model {
-        assert!(file_bytes(&s.path("disk.img"), *off, 64 << 10) == pattern(64 << 10, *seed));
-    }
+    model.check(&s.path("disk.img"));
     server.stop(libc::SIGTERM);
     assert!(!server.log().contains("does not match"), "{}", server.log());
     assert!(server.log().contains("closed cleanly"), "{}", server.log());
@@ -383,11 +345,9 @@ fn after_a_crash_blocks_changed_in_dirty_regions_are_unverified_and_in_clean_one
         c.write(0, &pattern(8192, 1), false).await.unwrap();
         c.flush().await.unwrap();
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while region_dirty(&s, 0) {
-        assert!(Instant::now() < deadline, "region 0 never became clean");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("region 0 to become clean", Duration::from_secs(10), || {
+        !region_dirty(&s, 0)
+    });
     block_on(async {
         c.write(REGION, &pattern(8192, 2), false).await.unwrap();
     });

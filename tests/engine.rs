@@ -3,10 +3,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::mount::wait_until;
 use common::proxy::{Direction, Fault, Proxy};
+use common::workload::{patient, Workload};
 use common::{file_bytes, pattern, Setup};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::ClientConfig;
@@ -14,92 +15,49 @@ use dst::protocol::{Access, Op, RequestHeader};
 
 const BLOCK: usize = 64 << 10;
 
-fn engine_config(client: ClientConfig) -> EngineConfig {
+/// `writers` tasks on their own 64 KiB blocks, back to back.
+fn workload(writers: u64, blocks_each: u64, rounds: u64, salt: u64) -> Workload {
+    Workload {
+        salt,
+        ..Workload::new(writers, blocks_each, rounds, BLOCK)
+    }
+}
+
+/// A resend every 200 ms, `resends` times, so that a request fails after about
+/// (resends + 1) * 200 ms of silence.
+fn impatient(client: ClientConfig, resends: u32, ping: Duration) -> EngineConfig {
     EngineConfig {
-        resend_timeout: Duration::from_millis(500),
-        resend_count: 40,
-        ping_interval: Duration::from_millis(500),
+        resend_timeout: Duration::from_millis(200),
+        resend_count: resends,
+        ping_interval: ping,
         ..EngineConfig::new(client)
     }
 }
 
-/// `writers` concurrent tasks, each writing its own blocks `rounds` times with fresh
-/// data and reading every write back; returns the model: block -> seed of the last acked
-/// write. Any error fails the test.
-async fn workload(
-    engine: &Engine,
-    writers: usize,
-    blocks_each: usize,
-    rounds: usize,
-    salt: u64,
-) -> HashMap<usize, u64> {
-    let tasks: Vec<_> = (0..writers)
-        .map(|w| {
-            let engine = engine.clone();
-            smol::spawn(async move {
-                let mut model = HashMap::new();
-                for r in 0..rounds {
-                    for b in 0..blocks_each {
-                        let block = w * blocks_each + b;
-                        let seed = salt ^ ((block as u64) << 20) ^ r as u64;
-                        let data = pattern(BLOCK, seed);
-                        let off = (block * BLOCK) as u64;
-                        engine
-                            .write(off, &data, false)
-                            .await
-                            .unwrap_or_else(|e| panic!("write {block}: errno {e}"));
-                        model.insert(block, seed);
-                        let back = engine
-                            .read(off, BLOCK as u32)
-                            .await
-                            .unwrap_or_else(|e| panic!("read {block}: errno {e}"));
-                        assert!(back == data, "block {block} read back wrong");
-                    }
-                    if r % 3 == 2 {
-                        engine
-                            .flush()
-                            .await
-                            .unwrap_or_else(|e| panic!("flush: errno {e}"));
-                    }
-                }
-                model
-            })
-        })
-        .collect();
-    let mut model = HashMap::new();
-    for t in tasks {
-        model.extend(t.await);
-    }
-    model
-}
-
-fn check_image(s: &Setup, image: &str, model: &HashMap<usize, u64>) {
-    for (block, seed) in model {
-        let got = file_bytes(&s.path(image), (block * BLOCK) as u64, BLOCK);
-        assert!(
-            got == pattern(BLOCK, *seed),
-            "image block {block} differs from the last acked write"
-        );
-    }
+/// A 4 KiB write of `pattern(4096, seed)`, and how long it took to answer.
+fn timed_write(engine: &Engine, offset: u64, seed: u64) -> (Result<(), i32>, Duration) {
+    let start = Instant::now();
+    let r = smol::block_on(engine.write(offset, &pattern(4096, seed), false));
+    (r, start.elapsed())
 }
 
 #[test]
 fn concurrent_workload_lands_on_the_image() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
-    let engine = smol::block_on(Engine::start(engine_config(s.client(
+    let server = s.disk("64M", &[]);
+    let engine = smol::block_on(Engine::start(patient(s.client(
         &server,
         "disk",
         Access::ReadWrite,
     ))))
     .unwrap();
     let model = smol::block_on(async {
-        let model = workload(&engine, 8, 8, 4, 1).await;
+        let model = workload(8, 8, 4, 1).run(&engine).await;
         engine.flush().await.unwrap();
         engine.close().await;
         model
     });
-    check_image(&s, "disk.img", &model);
+    model.check(&s.path("disk.img"));
     let stats = engine.stats();
     assert_eq!(stats.failures, 0);
     assert_eq!(stats.in_flight, 0);
@@ -113,7 +71,7 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
     let args = ["--export", "disk=disk.img", "--create-size", "64M"];
     let mut server = s.server(&args);
     let addr = server.addr;
-    let engine = smol::block_on(Engine::start(engine_config(s.client(
+    let engine = smol::block_on(Engine::start(patient(s.client(
         &server,
         "disk",
         Access::ReadWrite,
@@ -121,13 +79,19 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
     .unwrap();
     let run = smol::spawn({
         let engine = engine.clone();
-        async move { workload(&engine, 4, 8, 30, 2).await }
+        async move { workload(4, 8, 30, 2).run(&engine).await }
     });
-    // Let the workload get going, kill the server without warning, restart it.
-    std::thread::sleep(Duration::from_millis(500));
-    let before = engine.stats().bytes_written;
+    // Once the workload is under way, the server is killed without warning, and restarted
+    // once the engine has seen it go.
+    wait_until("writes to be acked", Duration::from_secs(20), || {
+        engine.stats().bytes_written >= 4 << 20
+    });
     server.stop(libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        "the engine to see the server go",
+        Duration::from_secs(20),
+        || !engine.stats().connected,
+    );
     let _server = s.server_at(addr, &args);
     let model = smol::block_on(async {
         let model = run.await;
@@ -135,9 +99,8 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
         engine.close().await;
         model
     });
-    check_image(&s, "disk.img", &model);
+    model.check(&s.path("disk.img"));
     let stats = engine.stats();
-    assert!(before > 0, "the workload was running when the server died");
     assert!(stats.reconnects >= 1, "{stats}");
     assert_eq!(stats.failures, 0, "{stats}");
 }
@@ -145,11 +108,12 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
 #[test]
 fn stalls_shorter_than_the_resend_budget_never_error_longer_ones_fail_with_eio() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
-    let mut cfg = engine_config(s.client(&server, "disk", Access::ReadWrite));
-    cfg.resend_timeout = Duration::from_millis(200);
-    cfg.resend_count = 5; // about 1.2 s in all
-    cfg.ping_interval = Duration::from_secs(30);
+    let server = s.disk("16M", &[]);
+    let cfg = impatient(
+        s.client(&server, "disk", Access::ReadWrite),
+        5, // about 1.2 s in all
+        Duration::from_secs(30),
+    );
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     let pause = |d: Duration| {
         common::stop_process(server.pid());
@@ -167,11 +131,10 @@ fn stalls_shorter_than_the_resend_budget_never_error_longer_ones_fail_with_eio()
     assert!(engine.stats().resends >= 1, "{}", engine.stats());
 
     let t = pause(Duration::from_secs(4));
-    let start = Instant::now();
-    let r = smol::block_on(engine.write(4096, &pattern(4096, 2), false));
+    let (r, took) = timed_write(&engine, 4096, 2);
     assert_eq!(r, Err(libc::EIO));
     assert!(
-        start.elapsed() < Duration::from_secs(4),
+        took < Duration::from_secs(4),
         "failed once the resends ran out"
     );
     t.join().unwrap();
@@ -184,13 +147,13 @@ fn stalls_shorter_than_the_resend_budget_never_error_longer_ones_fail_with_eio()
 #[test]
 fn in_flight_bytes_never_exceed_the_window() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let server = s.disk("64M", &[]);
     // Replies held back, so that the writers outpace them and fill the window.
     let proxy = Proxy::start(server.addr);
     proxy.set_fault(Fault::Delay(Duration::from_millis(10)));
     let mut client = s.client(&server, "disk", Access::ReadWrite);
     client.server = proxy.addr().to_string();
-    let mut cfg = engine_config(client);
+    let mut cfg = patient(client);
     cfg.window_requests = 8;
     cfg.window_bytes = 1 << 20;
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
@@ -227,13 +190,13 @@ fn started_requests_complete_exactly_once_each_past_a_full_window() {
     const N: u64 = 64;
     const LEN: usize = 64 << 10;
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let server = s.disk("16M", &[]);
     // Replies held back, so that most requests find the window full and wait for room.
     let proxy = Proxy::start(server.addr);
     proxy.set_fault(Fault::Delay(Duration::from_millis(5)));
     let mut client = s.client(&server, "disk", Access::ReadWrite);
     client.server = proxy.addr().to_string();
-    let mut cfg = engine_config(client);
+    let mut cfg = patient(client);
     cfg.window_requests = 4;
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     let (done, results) = std::sync::mpsc::channel();
@@ -286,7 +249,7 @@ fn started_requests_complete_exactly_once_each_past_a_full_window() {
 #[test]
 fn a_resent_write_never_overtakes_a_newer_one() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let server = s.disk("16M", &[]);
     let mut c = common::connect(&s.client(&server, "disk", Access::ReadWrite));
     let (old, new) = (pattern(1 << 20, 1), pattern(1 << 20, 2));
     let (a, b) = (c.next_txid(), c.next_txid());
@@ -340,17 +303,23 @@ fn a_resent_write_never_overtakes_a_newer_one() {
 /// another, then checks the image against the model of acked writes.
 fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let server = s.disk("64M", &[]);
     let proxy = Proxy::start(server.addr);
     let mut client = s.client(&server, "disk", Access::ReadWrite);
     client.server = proxy.addr().to_string();
-    let engine = smol::block_on(Engine::start(engine_config(client))).unwrap();
+    let engine = smol::block_on(Engine::start(patient(client))).unwrap();
     let run = smol::spawn({
         let engine = engine.clone();
-        async move { workload(&engine, 4, 4, 25, 7).await }
+        async move { workload(4, 4, 25, 7).run(&engine).await }
     });
     for fault in faults {
-        std::thread::sleep(Duration::from_millis(300));
+        // Each fault finds the workload going: 1 MiB acked since the one before.
+        let mark = engine.stats().bytes_written;
+        wait_until(
+            "the workload to make progress",
+            Duration::from_secs(30),
+            || engine.stats().bytes_written >= mark + (1 << 20),
+        );
         proxy.set_fault(fault.clone());
         match fault {
             Fault::Stall | Fault::Delay(_) => {
@@ -366,7 +335,7 @@ fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
         engine.close().await;
         model
     });
-    check_image(&s, "disk.img", &model);
+    model.check(&s.path("disk.img"));
     let stats = engine.stats();
     assert_eq!(stats.failures, 0, "{stats}");
     stats
@@ -401,23 +370,17 @@ fn flipped_bytes_are_caught_and_recovered_by_reconnect_and_resend() {
 #[test]
 fn proxy_stall_longer_than_the_resend_budget_fails_with_eio() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let server = s.disk("16M", &[]);
     let proxy = Proxy::start(server.addr);
     let mut client = s.client(&server, "disk", Access::ReadWrite);
     client.server = proxy.addr().to_string();
-    let mut cfg = engine_config(client);
-    cfg.resend_timeout = Duration::from_millis(200);
-    cfg.resend_count = 4;
-    cfg.ping_interval = Duration::from_millis(200);
+    let cfg = impatient(client, 4, Duration::from_millis(200));
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     proxy.set_fault(Fault::Stall);
-    let start = Instant::now();
-    assert_eq!(
-        smol::block_on(engine.write(0, &pattern(4096, 1), false)),
-        Err(libc::EIO)
-    );
+    let (r, took) = timed_write(&engine, 0, 1);
+    assert_eq!(r, Err(libc::EIO));
     assert!(
-        start.elapsed() >= Duration::from_millis(800),
+        took >= Duration::from_millis(800),
         "failed only after its resends"
     );
     proxy.set_fault(Fault::None);
@@ -432,32 +395,28 @@ fn a_node_down_longer_than_the_resend_budget_fails_new_requests_at_once() {
     let args = ["--export", "disk=disk.img", "--create-size", "16M"];
     let mut server = s.server(&args);
     let addr = server.addr;
-    let mut cfg = engine_config(s.client(&server, "disk", Access::ReadWrite));
-    cfg.resend_timeout = Duration::from_millis(200);
-    cfg.resend_count = 2; // about 0.6 s in all
-    cfg.ping_interval = Duration::from_millis(200);
+    let cfg = impatient(
+        s.client(&server, "disk", Access::ReadWrite),
+        2, // about 0.6 s in all
+        Duration::from_millis(200),
+    );
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     server.stop(libc::SIGKILL);
 
-    let start = Instant::now();
-    assert_eq!(
-        smol::block_on(engine.write(0, &pattern(4096, 1), false)),
-        Err(libc::EIO)
-    );
+    let (r, took) = timed_write(&engine, 0, 1);
+    assert_eq!(r, Err(libc::EIO));
     assert!(
-        start.elapsed() >= Duration::from_millis(500),
+        took >= Duration::from_millis(500),
         "the first waits out its resends"
     );
-    std::thread::sleep(Duration::from_millis(700));
-    let start = Instant::now();
-    assert_eq!(
-        smol::block_on(engine.write(0, &pattern(4096, 2), false)),
-        Err(libc::EIO)
-    );
+    // Later ones fail at once: nothing is sent for them, nor resent.
+    let resends = engine.stats().resends;
+    let (r, took) = timed_write(&engine, 0, 2);
+    assert_eq!(r, Err(libc::EIO));
+    assert_eq!(engine.stats().resends, resends, "{}", engine.stats());
     assert!(
-        start.elapsed() < Duration::from_millis(150),
-        "later ones fail at once: {:?}",
-        start.elapsed()
+        took < Duration::from_millis(500),
+        "failed without waiting out resends: {took:?}"
     );
 
     // The node comes back: the engine reconnects by itself and requests succeed again.

@@ -28,16 +28,15 @@ fn closed_soon(s: &mut TcpStream) -> bool {
 #[test]
 fn a_flood_of_unfinished_handshakes_does_not_lock_out_others() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
+    let server = s.disk(
         "1M",
-        "--max-handshakes-per-prefix",
-        "8",
-        "--handshake-timeout",
-        "30s",
-    ]);
+        &[
+            "--max-handshakes-per-prefix",
+            "8",
+            "--handshake-timeout",
+            "30s",
+        ],
+    );
     // From another /24 than the client's 127.0.0.1.
     let mut flood: Vec<TcpStream> = (0..40)
         .map(|_| connect_from("127.1.0.2", server.addr))
@@ -55,14 +54,7 @@ fn a_flood_of_unfinished_handshakes_does_not_lock_out_others() {
 #[test]
 fn connections_per_key_are_limited() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "1M",
-        "--max-connections-per-key",
-        "2",
-    ]);
+    let server = s.disk("1M", &["--max-connections-per-key", "2"]);
     let cfg = s.client(&server, "disk", Access::ReadOnly);
     let _a = connect(&cfg);
     let _b = connect(&cfg);
@@ -80,7 +72,7 @@ fn connections_per_key_are_limited() {
 #[test]
 fn oversized_frame_headers_close_the_connection_without_allocating() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let stream = block_on(smol::net::TcpStream::connect(server.addr)).unwrap();
     let (mut tx, mut rx) = block_on(channel::connect(
         stream.clone(),
@@ -106,14 +98,7 @@ fn oversized_frame_headers_close_the_connection_without_allocating() {
 #[test]
 fn a_ping_flood_that_never_reads_replies_is_throttled_not_buffered() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "1M",
-        "--session-window",
-        "1M",
-    ]);
+    let server = s.disk("1M", &["--session-window", "1M"]);
     let proxy = Proxy::start(server.addr);
     let mut cfg = s.client(&server, "disk", Access::ReadOnly);
     cfg.server = proxy.addr().to_string();
@@ -173,7 +158,7 @@ fn a_key_removed_on_sighup_cannot_connect_again() {
     let s = Setup::new();
     let other = dst::keys::generate();
     s.authorize(&format!("{}\n{}\n", s.client_key.public(), other.public()));
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let cfg = s.client(&server, "disk", Access::ReadOnly);
     let mut existing = connect(&cfg);
 
@@ -592,16 +577,10 @@ fn sessions_are_capped_per_key_and_lingering_ones_expire_on_their_own() {
     let s = Setup::new();
     let other = dst::keys::generate();
     s.authorize(&format!("{}\n{}\n", s.client_key.public(), other.public()));
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
+    let server = s.disk(
         "1M",
-        "--max-sessions-per-key",
-        "2",
-        "--session-linger",
-        "2s",
-    ]);
+        &["--max-sessions-per-key", "2", "--session-linger", "2s"],
+    );
     // A client that never resumes makes a new session each time: beyond two, its oldest
     // disconnected one goes.
     let cfg = s.client(&server, "disk", Access::ReadOnly);
@@ -624,11 +603,7 @@ fn sessions_are_capped_per_key_and_lingering_ones_expire_on_their_own() {
     drop(writer);
     // It took the place of `_a`'s session; `_b`'s and its own then expire, with no
     // client asking for anything meanwhile.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.log().matches(" expired").count() < 2 {
-        assert!(Instant::now() < deadline, "{}", server.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_for_lines(&[" expired"], 2);
     let mut cfg = s.client(&server, "disk", Access::ReadWrite);
     cfg.key = other;
     block_on(connect(&cfg).ping()).unwrap();

@@ -22,7 +22,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 #[test]
 fn writes_reach_the_image_and_read_back() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let server = s.disk("64M", &[]);
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
     assert_eq!(c.info().size, 64 * MIB);
     assert_eq!(c.info().export, "disk");
@@ -61,7 +61,7 @@ fn writes_reach_the_image_and_read_back() {
 #[test]
 fn trim_punches_a_hole_and_write_zeroes_reads_zero() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "64M"]);
+    let server = s.disk("64M", &[]);
     let img = s.path("disk.img");
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
     block_on(async {
@@ -105,7 +105,7 @@ fn status(r: Result<impl std::fmt::Debug, ClientError>) -> u32 {
 #[test]
 fn requests_outside_the_export_are_refused_without_io() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
     block_on(async {
         assert_eq!(status(c.read(MIB, 1).await), libc::EINVAL as u32);
@@ -227,14 +227,7 @@ fn refusal(err: ClientError) -> (Refusal, String) {
 #[test]
 fn wrong_keys_and_ciphers_are_refused_with_their_own_message() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "1M",
-        "--cipher",
-        "chachapoly",
-    ]);
+    let server = s.disk("1M", &["--cipher", "chachapoly"]);
 
     let mut wrong_pin = s.client(&server, "disk", Access::ReadWrite);
     wrong_pin.server_key = dst::keys::generate().public();
@@ -332,7 +325,7 @@ fn a_weak_key_in_authorized_keys_stops_the_server_naming_the_line() {
 #[test]
 fn a_sighup_reload_with_a_weak_key_keeps_the_old_list() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let cfg = s.client(&server, "disk", Access::ReadOnly);
     // The new list would drop our key and add the all-zero one.
     s.authorize(&zero_key_line());
@@ -350,7 +343,7 @@ fn a_sighup_reload_with_a_weak_key_keeps_the_old_list() {
 #[test]
 fn aesgcm_works_when_both_sides_allow_it() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "4M"]);
+    let server = s.disk("4M", &[]);
     let mut cfg = s.client(&server, "disk", Access::ReadWrite);
     cfg.cipher = Cipher::AesGcm;
     let mut c = connect(&cfg);
@@ -392,14 +385,7 @@ fn congestion_controls_are_used_or_refused_with_where_to_look() {
     );
 
     // reno is in every kernel with TCP, allowed to every process.
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "1M",
-        "--congestion-control",
-        "reno",
-    ]);
+    let server = s.disk("1M", &["--congestion-control", "reno"]);
     let mut cfg = s.client(&server, "disk", Access::ReadWrite);
     cfg.congestion = "nosuchcc".parse().unwrap();
     let err = block_on(Connection::connect(&cfg, None)).err().unwrap();
@@ -418,14 +404,7 @@ fn congestion_controls_are_used_or_refused_with_where_to_look() {
 #[test]
 fn garbage_and_stalled_peers_do_not_stop_service() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "4M",
-        "--handshake-timeout",
-        "1s",
-    ]);
+    let server = s.disk("4M", &["--handshake-timeout", "1s"]);
 
     // Random bytes, a preamble with garbage after it, and a half-sent handshake left hanging.
     let mut garbage = TcpStream::connect(server.addr).unwrap();
@@ -458,14 +437,7 @@ fn garbage_and_stalled_peers_do_not_stop_service() {
 #[test]
 fn malformed_frames_close_only_that_connection() {
     let s = Setup::new();
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "4M",
-        "--max-transfer",
-        "64K",
-    ]);
+    let server = s.disk("4M", &["--max-transfer", "64K"]);
     let cfg = s.client(&server, "disk", Access::ReadOnly);
     let mut good = connect(&cfg);
     let mut bad = connect(&cfg);
@@ -497,7 +469,7 @@ fn one_read_write_session_per_export() {
         s.client_key.public(),
         other_key.public()
     ));
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let _first = connect(&s.client(&server, "disk", Access::ReadWrite));
 
     let mut other = s.client(&server, "disk", Access::ReadWrite);
@@ -528,7 +500,7 @@ fn one_read_write_session_per_export() {
 #[test]
 fn resent_writes_are_answered_not_executed_again() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let cfg = s.client(&server, "disk", Access::ReadWrite);
     let mut c = connect(&cfg);
     let (old, new) = (pattern(4096, 1), pattern(4096, 2));
@@ -580,7 +552,7 @@ fn resent_writes_are_answered_not_executed_again() {
 #[test]
 fn sigterm_finishes_and_syncs() {
     let s = Setup::new();
-    let mut server = s.server(&["--export", "disk=disk.img", "--create-size", "8M"]);
+    let mut server = s.disk("8M", &[]);
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
     block_on(c.write(0, &pattern(MIB as usize, 5), false)).unwrap();
     let status = server.stop(libc::SIGTERM);
@@ -601,14 +573,7 @@ fn a_disconnected_writer_is_released_after_the_linger_time() {
         s.client_key.public(),
         other_key.public()
     ));
-    let server = s.server(&[
-        "--export",
-        "disk=disk.img",
-        "--create-size",
-        "1M",
-        "--session-linger",
-        "1s",
-    ]);
+    let server = s.disk("1M", &["--session-linger", "1s"]);
     let mine = s.client(&server, "disk", Access::ReadWrite);
     drop(connect(&mine));
     server.wait_for_closes(1);
@@ -620,6 +585,7 @@ fn a_disconnected_writer_is_released_after_the_linger_time() {
     let mut other = mine.clone();
     other.key = other_key;
     let err = block_on(Connection::connect(&other, None)).err().unwrap();
+    assert_eq!(err.errno(), libc::EBUSY, "{err}");
     assert!(err.to_string().contains("disconnected"), "{err}");
     server.wait_for_lines(&["session of client", " expired;"], 1);
     connect(&other);
@@ -650,7 +616,7 @@ fn created_images_and_checksum_tables_are_mode_0600() {
 #[test]
 fn the_server_cannot_dump_core() {
     let s = Setup::new();
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", "1M"]);
+    let server = s.disk("1M", &[]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).unwrap();
     let core = limits
         .lines()

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::mount::{kill, output, DstMount};
+use common::mount::{kill, output, wait_until, DstMount};
 use common::{connect, pattern, Setup};
 use dst::protocol::Access;
 
@@ -215,7 +215,13 @@ fn takeovers_while_the_disk_stalls_never_bring_old_data_back() {
             run.in_doubt.load(Ordering::Relaxed)
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The writers go on through the last mount before they stop.
+    let acked = run.acked.load(Ordering::Relaxed);
+    wait_until(
+        "writes through the last mount",
+        Duration::from_secs(30),
+        || run.acked.load(Ordering::Relaxed) >= acked + 20,
+    );
     drop(stop_writers);
     let mut history: BTreeMap<u64, History> = BTreeMap::new();
     for w in writers {

@@ -6,6 +6,7 @@
 
 pub mod mount;
 pub mod proxy;
+pub mod workload;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +29,9 @@ pub fn skip(why: &str) {
     }
     eprintln!("skipped: {why}");
 }
+
+/// What the server's line about a closed connection holds.
+const CLOSED: &[&str] = &[": connection ", " closed: "];
 
 /// A directory with a server key pair, a client key pair and an authorized_keys file.
 pub struct Setup {
@@ -76,6 +80,13 @@ impl Setup {
     /// Starts `dst-server` with this setup's keys, listening on a free port, plus `args`.
     pub fn server(&self, args: &[&str]) -> ServerProcess {
         self.server_at("127.0.0.1:0".parse().unwrap(), args)
+    }
+
+    /// Starts `dst-server` serving the export `disk` from `disk.img`, created with `size` if
+    /// missing, plus `extra` arguments.
+    pub fn disk(&self, size: &str, extra: &[&str]) -> ServerProcess {
+        let args = ["--export", "disk=disk.img", "--create-size", size];
+        self.server(&[&args[..], extra].concat())
     }
 
     /// Starts `dst-server` listening on `addr`, as a restarted server would.
@@ -150,16 +161,18 @@ impl ServerProcess {
         self.wait_for_lines(&[needle], 1);
     }
 
+    /// How many lines of the log have every one of `parts`.
+    pub fn count_lines(&self, parts: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .count()
+    }
+
     /// Waits until the log has `n` lines with every one of `parts`.
     pub fn wait_for_lines(&self, parts: &[&str], n: usize) {
-        let count = || {
-            self.log()
-                .lines()
-                .filter(|l| parts.iter().all(|p| l.contains(p)))
-                .count()
-        };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while count() < n {
+        while self.count_lines(parts) < n {
             assert!(
                 Instant::now() < deadline,
                 "the log never had {n} lines with {parts:?}:\n{}",
@@ -169,9 +182,14 @@ impl ServerProcess {
         }
     }
 
+    /// How many connections the server has logged as closed.
+    pub fn closes(&self) -> usize {
+        self.count_lines(CLOSED)
+    }
+
     /// Waits until the server has logged the close of `n` connections in all.
     pub fn wait_for_closes(&self, n: usize) {
-        self.wait_for_lines(&[": connection ", " closed: "], n);
+        self.wait_for_lines(CLOSED, n);
     }
 
     pub fn pid(&self) -> i32 {
