@@ -12,7 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::mount::{wait_until, AlignedBuf, DstMount, Loop};
 use common::workload::{patient, Workload};
@@ -497,38 +497,7 @@ fn refused_start(s: &Setup) -> String {
 
 /// Starts dst-server with `--export EXPORT`, expecting it to refuse; returns stderr.
 fn refused_export(s: &Setup, export: &str) -> String {
-    use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dst-server"))
-        .args([
-            "--key",
-            "server.key",
-            "--authorized-keys",
-            "authorized_keys",
-        ])
-        .args(["--export", export, "--listen", "127.0.0.1:0"])
-        .current_dir(s.dir.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("dst-server started instead of refusing the table");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = s.refused_start(&["--export", export]);
     assert!(!status.success(), "{err}");
     err
 }

@@ -282,37 +282,7 @@ fn a_weak_key_in_authorized_keys_stops_the_server_naming_the_line() {
         s.client_key.public(),
         zero_key_line()
     ));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
-        .arg("--key")
-        .arg(s.path("server.key"))
-        .arg("--authorized-keys")
-        .arg(s.path("authorized_keys"))
-        .args(["--listen", "127.0.0.1:0", "--export", "disk=disk.img"])
-        .args(["--create-size", "1M"])
-        .current_dir(s.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("dst-server started with a weak key in authorized_keys");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = s.refused_start(&["--export", "disk=disk.img", "--create-size", "1M"]);
     assert!(!status.success(), "{status}: {stderr}");
     assert!(
         stderr.contains("authorized_keys: line 3: ")
@@ -358,23 +328,15 @@ fn aesgcm_works_when_both_sides_allow_it() {
 #[test]
 fn congestion_controls_are_used_or_refused_with_where_to_look() {
     let s = Setup::new();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
-        .arg("--key")
-        .arg(s.path("server.key"))
-        .arg("--authorized-keys")
-        .arg(s.path("authorized_keys"))
-        .args(["--export", "disk=disk.img", "--create-size", "1M"])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--congestion-control",
-            "nosuchcc",
-        ])
-        .current_dir(s.path("."))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (status, err) = s.refused_start(&[
+        "--export",
+        "disk=disk.img",
+        "--create-size",
+        "1M",
+        "--congestion-control",
+        "nosuchcc",
+    ]);
+    assert_eq!(status.code(), Some(1), "{err}");
     assert!(
         err.contains("'nosuchcc'") && err.contains("tcp_available_congestion_control"),
         "{err}"

@@ -94,6 +94,36 @@ impl Setup {
         ServerProcess::spawn(self.server_command(addr, args))
     }
 
+    /// Starts `dst-server` with `args`, expecting it to refuse to start: panics if it is
+    /// still running after 20 s. Returns its exit status and what it wrote on stderr.
+    pub fn refused_start(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut child = self
+            .server_command("127.0.0.1:0".parse().unwrap(), args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dst-server starts");
+        let mut stderr = String::new();
+        let reader = child.stderr.take().unwrap();
+        let read = std::thread::spawn(move || {
+            let mut reader = reader;
+            std::io::Read::read_to_string(&mut reader, &mut stderr).map(|_| stderr)
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dst-server {args:?} started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, read.join().unwrap().unwrap())
+    }
+
     /// The command that starts `dst-server` on `addr` with this setup's keys and `args`.
     pub fn server_command(&self, addr: SocketAddr, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dst-server"));
