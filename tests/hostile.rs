@@ -411,14 +411,7 @@ fn two_tenants(flooder: &dst::keys::PrivateKey, grant: &str) -> (Setup, ServerPr
         s.client_key.public(),
         flooder.public()
     ));
-    let server = s.server(&[
-        "--export",
-        "a=a.img",
-        "--export",
-        "b=b.img",
-        "--create-size",
-        "2G",
-    ]);
+    let server = s.exports(&["a", "b"], "2G", &[]);
     (s, server)
 }
 
@@ -511,16 +504,11 @@ fn replies_never_read_hold_the_server_to_its_memory_budget() {
         greedy[0].public(),
         greedy[1].public()
     ));
-    let server = s.server(&[
-        "--export",
-        "a=a.img",
-        "--export",
-        "b=b.img",
-        "--create-size",
+    let server = s.exports(
+        &["a", "b"],
         "256M",
-        "--memory-budget",
-        &format!("{BUDGET_MIB}M"),
-    ]);
+        &["--memory-budget", &format!("{BUDGET_MIB}M")],
+    );
     let before = rss_kib(server.pid());
     // Each greedy key: 16 connections, each asking for 64 MiB of reads and reading none.
     let mut held = Vec::new();

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{allocated_blocks, connect, file_bytes, pattern, Setup};
+use common::{allocated_blocks, connect, file_bytes, pattern, round_trip, Setup};
 use dst::channel::{ChannelError, Refusal};
 use dst::cipher::Cipher;
 use dst::client::{ClientError, Connection};
@@ -181,14 +181,7 @@ fn read_only_exports_and_keys_refuse_writes() {
 fn exports_outside_a_keys_list_are_refused() {
     let s = Setup::new();
     s.authorize(&format!("{} exports=a\n", s.client_key.public()));
-    let server = s.server(&[
-        "--export",
-        "a=a.img",
-        "--export",
-        "b=b.img",
-        "--create-size",
-        "1M",
-    ]);
+    let server = s.exports(&["a", "b"], "1M", &[]);
     connect(&s.client(&server, "a", Access::ReadWrite));
     let err = block_on(Connection::connect(
         &s.client(&server, "b", Access::ReadWrite),
@@ -317,10 +310,7 @@ fn aesgcm_works_when_both_sides_allow_it() {
     let mut cfg = s.client(&server, "disk", Access::ReadWrite);
     cfg.cipher = Cipher::AesGcm;
     let mut c = connect(&cfg);
-    block_on(async {
-        c.write(4096, &pattern(200_000, 3), false).await.unwrap();
-        assert_eq!(c.read(4096, 200_000).await.unwrap(), pattern(200_000, 3));
-    });
+    round_trip(&mut c, 4096, 200_000, 3, false);
 }
 
 /// A congestion control that is there is used; one that is not stops the side that asked
@@ -357,10 +347,7 @@ fn congestion_controls_are_used_or_refused_with_where_to_look() {
     );
     cfg.congestion = "reno".parse().unwrap();
     let mut c = connect(&cfg);
-    block_on(async {
-        c.write(0, &pattern(300_000, 5), false).await.unwrap();
-        assert_eq!(c.read(0, 300_000).await.unwrap(), pattern(300_000, 5));
-    });
+    round_trip(&mut c, 0, 300_000, 5, false);
 }
 
 #[test]
@@ -378,10 +365,7 @@ fn garbage_and_stalled_peers_do_not_stop_service() {
     stalled.write_all(b"DST\x02\x01\0\0\0\x00\x60").unwrap();
 
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
-    block_on(async {
-        c.write(0, &pattern(65536, 9), true).await.unwrap();
-        assert_eq!(c.read(0, 65536).await.unwrap(), pattern(65536, 9));
-    });
+    round_trip(&mut c, 0, 65536, 9, true);
 
     // The stalled peer is cut off by the handshake timeout.
     stalled

@@ -85,8 +85,17 @@ impl Setup {
     /// Starts `dst-server` serving the export `disk` from `disk.img`, created with `size` if
     /// missing, plus `extra` arguments.
     pub fn disk(&self, size: &str, extra: &[&str]) -> ServerProcess {
-        let args = ["--export", "disk=disk.img", "--create-size", size];
-        self.server(&[&args[..], extra].concat())
+        self.exports(&["disk"], size, extra)
+    }
+
+    /// Starts `dst-server` serving each of `names` from `NAME.img`, created with `size` if
+    /// missing, plus `extra` arguments.
+    pub fn exports(&self, names: &[&str], size: &str, extra: &[&str]) -> ServerProcess {
+        let specs: Vec<String> = names.iter().map(|n| format!("{n}={n}.img")).collect();
+        let mut args: Vec<&str> = specs.iter().flat_map(|e| ["--export", e]).collect();
+        args.extend(["--create-size", size]);
+        args.extend(extra);
+        self.server(&args)
     }
 
     /// Starts `dst-server` listening on `addr`, as a restarted server would.
@@ -249,6 +258,18 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes `pattern(len, seed)` at `offset` (with FUA if `fua`) and reads it back.
+pub fn round_trip(c: &mut Connection, offset: u64, len: usize, seed: u64, fua: bool) {
+    smol::block_on(async {
+        c.write(offset, &pattern(len, seed), fua).await.unwrap();
+        let back = c.read(offset, len as u32).await.unwrap();
+        assert!(
+            back == pattern(len, seed),
+            "{len} bytes at {offset} read back wrong"
+        );
+    });
 }
 
 /// Connects, panicking with the error if that fails.
