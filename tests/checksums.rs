@@ -15,9 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::mount::{wait_until, AlignedBuf, DstMount, Loop};
-use common::workload::{patient, Workload};
+use common::workload::{patient_engine, Workload};
 use common::{connect, file_bytes, pattern, Setup};
-use dst::client::engine::Engine;
 use dst::client::ClientError;
 use dst::protocol::Access;
 
@@ -273,12 +272,7 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
     ];
     let mut server = s.server(&args);
     let addr = server.addr;
-    let engine = block_on(Engine::start(patient(s.client(
-        &server,
-        "disk",
-        Access::ReadWrite,
-    ))))
-    .unwrap();
+    let engine = patient_engine(s.client(&server, "disk", Access::ReadWrite));
     let run = smol::spawn({
         let engine = engine.clone();
         async move { workload(4, 40).run(&engine).await }

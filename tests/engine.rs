@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::mount::wait_until;
 use common::proxy::{Direction, Fault, Proxy};
-use common::workload::{patient, Workload};
+use common::workload::{patient, patient_engine, Workload};
 use common::{file_bytes, pattern, Setup};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::ClientConfig;
@@ -45,12 +45,7 @@ fn timed_write(engine: &Engine, offset: u64, seed: u64) -> (Result<(), i32>, Dur
 fn concurrent_workload_lands_on_the_image() {
     let s = Setup::new();
     let server = s.disk("64M", &[]);
-    let engine = smol::block_on(Engine::start(patient(s.client(
-        &server,
-        "disk",
-        Access::ReadWrite,
-    ))))
-    .unwrap();
+    let engine = patient_engine(s.client(&server, "disk", Access::ReadWrite));
     let model = smol::block_on(async {
         let model = workload(8, 8, 4, 1).run(&engine).await;
         engine.flush().await.unwrap();
@@ -71,12 +66,7 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
     let args = ["--export", "disk=disk.img", "--create-size", "64M"];
     let mut server = s.server(&args);
     let addr = server.addr;
-    let engine = smol::block_on(Engine::start(patient(s.client(
-        &server,
-        "disk",
-        Access::ReadWrite,
-    ))))
-    .unwrap();
+    let engine = patient_engine(s.client(&server, "disk", Access::ReadWrite));
     let run = smol::spawn({
         let engine = engine.clone();
         async move { workload(4, 8, 30, 2).run(&engine).await }
@@ -307,7 +297,7 @@ fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
     let proxy = Proxy::start(server.addr);
     let mut client = s.client(&server, "disk", Access::ReadWrite);
     client.server = proxy.addr().to_string();
-    let engine = smol::block_on(Engine::start(patient(client))).unwrap();
+    let engine = patient_engine(client);
     let run = smol::spawn({
         let engine = engine.clone();
         async move { workload(4, 4, 25, 7).run(&engine).await }

@@ -20,6 +20,11 @@ pub fn patient(client: ClientConfig) -> EngineConfig {
     }
 }
 
+/// An engine started with [`patient`] settings; panics if it cannot connect.
+pub fn patient_engine(client: ClientConfig) -> Engine {
+    smol::block_on(Engine::start(patient(client))).unwrap_or_else(|e| panic!("engine: {e}"))
+}
+
 /// The last acked write at each offset: its length and the seed of its [`pattern`].
 #[derive(Debug, Default)]
 pub struct Acked(HashMap<u64, (usize, u64)>);
