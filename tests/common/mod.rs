@@ -260,6 +260,15 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Waits until `done`, checking every few milliseconds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `pattern(len, seed)` at `offset` (with FUA if `fua`) and reads it back.
 pub fn round_trip(c: &mut Connection, offset: u64, len: usize, seed: u64, fua: bool) {
     smol::block_on(async {

@@ -14,6 +14,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use super::wait_until;
 use super::{pattern, ServerProcess, Setup};
 
 /// Returns from the test, saying why, unless it runs as root with /dev/fuse, loop
@@ -103,14 +104,6 @@ pub fn unmount_quietly(dir: &Path) {
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = output("umount", &["-l", dir.to_str().unwrap()]);
-}
-
-pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 pub fn kill(pid: i32, signal: i32) {

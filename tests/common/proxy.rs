@@ -61,6 +61,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use super::wait_until;
+
+/// How long the proxy's waits wait before they fail the test.
+const PATIENCE: Duration = Duration::from_secs(10);
+
 /// Which way traffic flows through the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -184,7 +189,9 @@ impl Proxy {
     /// Waits until a one-shot fault has fired (the active fault is back to
     /// [`Fault::None`]); panics after 10 seconds.
     pub fn wait_for_fault_spent(&self) {
-        wait_until("the fault to fire", || self.fault() == Fault::None);
+        wait_until("the fault to fire", PATIENCE, || {
+            self.fault() == Fault::None
+        });
     }
 
     /// Closes every current connection at once, both sides (the peers see an end of stream,
@@ -217,13 +224,15 @@ impl Proxy {
 
     /// Waits until at least `n` connections were accepted in all; panics after 10 seconds.
     pub fn wait_for_connections(&self, n: usize) {
-        wait_until(&format!("{n} connections"), || self.connections() >= n);
+        wait_until(&format!("{n} connections"), PATIENCE, || {
+            self.connections() >= n
+        });
     }
 
     /// Waits until exactly `n` connections are open, for instance 0 after a client closed
     /// and its server followed; panics after 10 seconds.
     pub fn wait_for_open_connections(&self, n: usize) {
-        wait_until(&format!("{n} open connections"), || {
+        wait_until(&format!("{n} open connections"), PATIENCE, || {
             self.open_connections() == n
         });
     }
@@ -231,7 +240,9 @@ impl Proxy {
     /// Waits until at least `n` records were forwarded in `dir` in all; panics after 10
     /// seconds.
     pub fn wait_for_records(&self, dir: Direction, n: u64) {
-        wait_until(&format!("{n} records {dir:?}"), || self.records(dir) >= n);
+        wait_until(&format!("{n} records {dir:?}"), PATIENCE, || {
+            self.records(dir) >= n
+        });
     }
 }
 
@@ -268,17 +279,6 @@ pub fn live_threads(port: u16) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "proxy: timed out waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 struct Shared {
