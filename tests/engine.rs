@@ -141,8 +141,7 @@ fn in_flight_bytes_never_exceed_the_window() {
     // Replies held back, so that the writers outpace them and fill the window.
     let proxy = Proxy::start(server.addr);
     proxy.set_fault(Fault::Delay(Duration::from_millis(10)));
-    let mut client = s.client(&server, "disk", Access::ReadWrite);
-    client.server = proxy.addr().to_string();
+    let client = proxy.route(s.client(&server, "disk", Access::ReadWrite));
     let mut cfg = patient(client);
     cfg.window_requests = 8;
     cfg.window_bytes = 1 << 20;
@@ -184,8 +183,7 @@ fn started_requests_complete_exactly_once_each_past_a_full_window() {
     // Replies held back, so that most requests find the window full and wait for room.
     let proxy = Proxy::start(server.addr);
     proxy.set_fault(Fault::Delay(Duration::from_millis(5)));
-    let mut client = s.client(&server, "disk", Access::ReadWrite);
-    client.server = proxy.addr().to_string();
+    let client = proxy.route(s.client(&server, "disk", Access::ReadWrite));
     let mut cfg = patient(client);
     cfg.window_requests = 4;
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
@@ -295,8 +293,7 @@ fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
     let s = Setup::new();
     let server = s.disk("64M", &[]);
     let proxy = Proxy::start(server.addr);
-    let mut client = s.client(&server, "disk", Access::ReadWrite);
-    client.server = proxy.addr().to_string();
+    let client = proxy.route(s.client(&server, "disk", Access::ReadWrite));
     let engine = patient_engine(client);
     let run = smol::spawn({
         let engine = engine.clone();
@@ -362,8 +359,7 @@ fn proxy_stall_longer_than_the_resend_budget_fails_with_eio() {
     let s = Setup::new();
     let server = s.disk("16M", &[]);
     let proxy = Proxy::start(server.addr);
-    let mut client = s.client(&server, "disk", Access::ReadWrite);
-    client.server = proxy.addr().to_string();
+    let client = proxy.route(s.client(&server, "disk", Access::ReadWrite));
     let cfg = impatient(client, 4, Duration::from_millis(200));
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     proxy.set_fault(Fault::Stall);

@@ -35,8 +35,7 @@ fn an_expired_writer_s_queued_zeroes_never_land_on_the_next_writer_s_data() {
     let lower_server = lower.server(&["--export", "disk=lower.img", "--create-size", "64M"]);
     let mut lower_mount = DstMount::start(&lower, &lower_server, &lower.path("mnt"), &[]);
     let s = Setup::new();
-    let next = dst::keys::generate();
-    s.authorize(&format!("{}\n{}\n", s.client_key.public(), next.public()));
+    let next = s.second_key();
     let export = format!("disk={}", lower_mount.file().display());
     // Small transfers make the fair queue's turns small: a 64 MiB WRITE_ZEROES then waits
     // several turns, and another key's 4 KiB write would overtake it.

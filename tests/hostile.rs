@@ -100,8 +100,7 @@ fn a_ping_flood_that_never_reads_replies_is_throttled_not_buffered() {
     let s = Setup::new();
     let server = s.disk("1M", &["--session-window", "1M"]);
     let proxy = Proxy::start(server.addr);
-    let mut cfg = s.client(&server, "disk", Access::ReadOnly);
-    cfg.server = proxy.addr().to_string();
+    let cfg = proxy.route(s.client(&server, "disk", Access::ReadOnly));
     let mut flooder = connect(&cfg);
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let count = sent.clone();
@@ -156,8 +155,7 @@ fn a_ping_flood_that_never_reads_replies_is_throttled_not_buffered() {
 #[test]
 fn a_key_removed_on_sighup_cannot_connect_again() {
     let s = Setup::new();
-    let other = dst::keys::generate();
-    s.authorize(&format!("{}\n{}\n", s.client_key.public(), other.public()));
+    let other = s.second_key();
     let server = s.disk("1M", &[]);
     let cfg = s.client(&server, "disk", Access::ReadOnly);
     let mut existing = connect(&cfg);
@@ -563,8 +561,7 @@ fn replies_never_read_hold_the_server_to_its_memory_budget() {
 #[test]
 fn sessions_are_capped_per_key_and_lingering_ones_expire_on_their_own() {
     let s = Setup::new();
-    let other = dst::keys::generate();
-    s.authorize(&format!("{}\n{}\n", s.client_key.public(), other.public()));
+    let other = s.second_key();
     let server = s.disk(
         "1M",
         &["--max-sessions-per-key", "2", "--session-linger", "2s"],

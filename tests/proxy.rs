@@ -21,8 +21,7 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 fn proxied(s: &Setup, access: Access) -> (common::ServerProcess, Proxy, ClientConfig) {
     let server = s.disk("4M", &[]);
     let proxy = Proxy::start(server.addr);
-    let mut cfg = s.client(&server, "disk", access);
-    cfg.server = proxy.addr().to_string();
+    let cfg = proxy.route(s.client(&server, "disk", access));
     (server, proxy, cfg)
 }
 

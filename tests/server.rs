@@ -409,12 +409,7 @@ fn malformed_frames_close_only_that_connection() {
 #[test]
 fn one_read_write_session_per_export() {
     let s = Setup::new();
-    let other_key = dst::keys::generate();
-    s.authorize(&format!(
-        "{}\n{}\n",
-        s.client_key.public(),
-        other_key.public()
-    ));
+    let other_key = s.second_key();
     let server = s.disk("1M", &[]);
     let _first = connect(&s.client(&server, "disk", Access::ReadWrite));
 
@@ -513,12 +508,7 @@ fn sigterm_finishes_and_syncs() {
 #[test]
 fn a_disconnected_writer_is_released_after_the_linger_time() {
     let s = Setup::new();
-    let other_key = dst::keys::generate();
-    s.authorize(&format!(
-        "{}\n{}\n",
-        s.client_key.public(),
-        other_key.public()
-    ));
+    let other_key = s.second_key();
     let server = s.disk("1M", &["--session-linger", "1s"]);
     let mine = s.client(&server, "disk", Access::ReadWrite);
     drop(connect(&mine));

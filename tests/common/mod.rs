@@ -63,6 +63,17 @@ impl Setup {
         std::fs::write(self.path("authorized_keys"), text).unwrap();
     }
 
+    /// A second client key, allowed everything the setup's own key is.
+    pub fn second_key(&self) -> PrivateKey {
+        let other = dst::keys::generate();
+        self.authorize(&format!(
+            "{}\n{}\n",
+            self.client_key.public(),
+            other.public()
+        ));
+        other
+    }
+
     /// A client configuration for `export` on `server`.
     pub fn client(&self, server: &ServerProcess, export: &str, access: Access) -> ClientConfig {
         ClientConfig {

@@ -61,6 +61,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use dst::client::ClientConfig;
+
 use super::wait_until;
 
 /// How long the proxy's waits wait before they fail the test.
@@ -153,6 +155,12 @@ impl Proxy {
             addr,
             listener: Some(listener),
         }
+    }
+
+    /// `client`, talking through the proxy.
+    pub fn route(&self, mut client: ClientConfig) -> ClientConfig {
+        client.server = self.addr().to_string();
+        client
     }
 
     /// Where clients connect: `cfg.server = proxy.addr().to_string()`.
