@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::mount::{wait_until, AlignedBuf, DstMount, Loop};
-use common::workload::{patient_engine, Workload};
+use common::workload::{finish, patient_engine, spawn, Workload};
 use common::{connect, file_bytes, pattern, Setup};
 use dst::client::ClientError;
 use dst::protocol::Access;
@@ -273,10 +273,7 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
     let mut server = s.server(&args);
     let addr = server.addr;
     let engine = patient_engine(s.client(&server, "disk", Access::ReadWrite));
-    let run = smol::spawn({
-        let engine = engine.clone();
-        async move { workload(4, 40).run(&engine).await }
-    });
+    let run = spawn(&engine, workload(4, 40));
     // Killed after a few checkpoints' worth of writes.
     wait_until("writes to be acked", Duration::from_secs(20), || {
         engine.stats().bytes_written >= 8 << 20
@@ -292,12 +289,7 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
 
     // Restarted, the server serves the rest of the workload; every read verifies.
     let mut server = s.server_at(addr, &args);
-    let model = block_on(async {
-        let model = run.await;
-        engine.flush().await.unwrap();
-        engine.close().await;
-        model
-    });
+    let model = finish(&engine, run);
     let stats = engine.stats();
     assert!(stats.reconnects >= 1, "{stats}");
     assert_eq!(stats.failures, 0, "{stats}");

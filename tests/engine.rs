@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::mount::wait_until;
 use common::proxy::{Direction, Fault, Proxy};
-use common::workload::{patient, patient_engine, Workload};
+use common::workload::{finish, patient, patient_engine, spawn, Workload};
 use common::{file_bytes, pattern, Setup};
 use dst::client::engine::{Engine, EngineConfig};
 use dst::client::ClientConfig;
@@ -46,12 +46,7 @@ fn concurrent_workload_lands_on_the_image() {
     let s = Setup::new();
     let server = s.disk("64M", &[]);
     let engine = patient_engine(s.client(&server, "disk", Access::ReadWrite));
-    let model = smol::block_on(async {
-        let model = workload(8, 8, 4, 1).run(&engine).await;
-        engine.flush().await.unwrap();
-        engine.close().await;
-        model
-    });
+    let model = finish(&engine, spawn(&engine, workload(8, 8, 4, 1)));
     model.check(&s.path("disk.img"));
     let stats = engine.stats();
     assert_eq!(stats.failures, 0);
@@ -67,10 +62,7 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
     let mut server = s.server(&args);
     let addr = server.addr;
     let engine = patient_engine(s.client(&server, "disk", Access::ReadWrite));
-    let run = smol::spawn({
-        let engine = engine.clone();
-        async move { workload(4, 8, 30, 2).run(&engine).await }
-    });
+    let run = spawn(&engine, workload(4, 8, 30, 2));
     // Once the workload is under way, the server is killed without warning, and restarted
     // once the engine has seen it go.
     wait_until("writes to be acked", Duration::from_secs(20), || {
@@ -83,12 +75,7 @@ fn server_killed_and_restarted_mid_workload_loses_nothing() {
         || !engine.stats().connected,
     );
     let _server = s.server_at(addr, &args);
-    let model = smol::block_on(async {
-        let model = run.await;
-        engine.flush().await.unwrap();
-        engine.close().await;
-        model
-    });
+    let model = finish(&engine, run);
     model.check(&s.path("disk.img"));
     let stats = engine.stats();
     assert!(stats.reconnects >= 1, "{stats}");
@@ -295,10 +282,7 @@ fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
     let proxy = Proxy::start(server.addr);
     let client = proxy.route(s.client(&server, "disk", Access::ReadWrite));
     let engine = patient_engine(client);
-    let run = smol::spawn({
-        let engine = engine.clone();
-        async move { workload(4, 4, 25, 7).run(&engine).await }
-    });
+    let run = spawn(&engine, workload(4, 4, 25, 7));
     for fault in faults {
         // Each fault finds the workload going: 1 MiB acked since the one before.
         let mark = engine.stats().bytes_written;
@@ -316,12 +300,7 @@ fn workload_under_faults(faults: &[Fault]) -> dst::client::stats::Stats {
             _ => proxy.wait_for_fault_spent(),
         }
     }
-    let model = smol::block_on(async {
-        let model = run.await;
-        engine.flush().await.unwrap();
-        engine.close().await;
-        model
-    });
+    let model = finish(&engine, run);
     model.check(&s.path("disk.img"));
     let stats = engine.stats();
     assert_eq!(stats.failures, 0, "{stats}");

@@ -25,6 +25,23 @@ pub fn patient_engine(client: ClientConfig) -> Engine {
     smol::block_on(Engine::start(patient(client))).unwrap_or_else(|e| panic!("engine: {e}"))
 }
 
+/// Runs `workload` in the background; [`finish`] waits for it.
+pub fn spawn(engine: &Engine, workload: Workload) -> smol::Task<Acked> {
+    let engine = engine.clone();
+    smol::spawn(async move { workload.run(&engine).await })
+}
+
+/// Waits for a workload to end, then flushes and closes the engine; returns the model of
+/// what it acked.
+pub fn finish(engine: &Engine, run: smol::Task<Acked>) -> Acked {
+    smol::block_on(async {
+        let acked = run.await;
+        engine.flush().await.unwrap();
+        engine.close().await;
+        acked
+    })
+}
+
 /// The last acked write at each offset: its length and the seed of its [`pattern`].
 #[derive(Debug, Default)]
 pub struct Acked(HashMap<u64, (usize, u64)>);
