@@ -106,7 +106,7 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
 
 /// The resend settings in effect, for the log: what an operator needs to know about when
 /// an outage turns into I/O errors.
-pub(crate) fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
+fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
     let give_up = Profile {
         resend_timeout: cfg.resend_timeout,
         resend_count: cfg.resend_count,
@@ -141,15 +141,22 @@ pub fn load_keys(req: &MountRequest) -> Result<(PrivateKey, PublicKey), String> 
     Ok((key, server_key))
 }
 
-/// Mounts and keeps the mount in this process until unmounted or signalled.
-pub fn run_foreground(req: &MountRequest) -> Result<(), String> {
-    keeper::keep(req, None)
+/// Mounts and keeps the mount in this process until unmounted or signalled. `cfg` is only
+/// described in the log: each worker makes its own from `req`.
+pub fn run_foreground(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
+    keeper::keep(req, &settings(req, cfg), None)
+}
+
+/// The settings line of the log; the configuration (and its key) is dropped.
+fn settings(req: &MountRequest, cfg: EngineConfig) -> String {
+    resend_summary(&cfg, req.options.fail_fast == Some(true))
 }
 
 /// Forks; the child mounts and serves, the parent returns once the mount is ready (Ok) or
 /// with the child's error. Must be called while the process has one thread: fork copies
 /// only the calling thread, so locks held by others would stay locked in the child.
-pub fn run_background(req: &MountRequest) -> Result<(), String> {
+pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
+    let settings = settings(req, cfg);
     let (read_end, write_end) = pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
     // SAFETY: the process is single-threaded here (see above), so the child may continue
     // running arbitrary code.
@@ -160,7 +167,7 @@ pub fn run_background(req: &MountRequest) -> Result<(), String> {
             // Still in the caller's process group until the mount is ready, so that Ctrl-C
             // on a mount command that hangs connecting stops this process too.
             let mut report = File::from(write_end);
-            match keeper::keep(req, Some(&mut report)) {
+            match keeper::keep(req, &settings, Some(&mut report)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
                     // Every error comes before readiness; the parent prints it.

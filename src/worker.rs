@@ -13,7 +13,7 @@ use crate::keeper::{
     self, Adopt, Control, ToKeeper, ToWorker, EXIT_DRAINED, EXIT_FAILED, EXIT_MOUNT_GONE,
     EXIT_SESSION_ERROR,
 };
-use crate::mount::{finish, follow_size, resend_summary, Output};
+use crate::mount::{finish, follow_size, Output};
 use crate::mount_options::MountRequest;
 use crate::protocol::Access;
 
@@ -46,7 +46,6 @@ fn serve(req: &MountRequest, cfg: EngineConfig, control: &Control) -> Result<i32
         output.detach_all();
     }
     let source = req.source.to_string();
-    let resends = resend_summary(&cfg, req.options.fail_fast == Some(true));
     let engine =
         smol::block_on(Engine::start(cfg)).map_err(|e| format!("cannot mount {source}: {e}"))?;
     let info = engine.info().clone();
@@ -140,14 +139,13 @@ fn serve(req: &MountRequest, cfg: EngineConfig, control: &Control) -> Result<i32
     control
         .tell_keeper(&ToKeeper::Serving)
         .map_err(|e| format!("the keeper is gone: {e}"))?;
-    log::info!(
-        "worker {} serves {source} at {} (start {})",
-        std::process::id(),
-        mountpoint.display(),
-        restarts + 1
-    );
-    if restarts == 0 {
-        log::info!("{resends}");
+    // The keeper says when the first one serves, in the log's first line.
+    if restarts > 0 {
+        log::info!(
+            "worker {} serves {source} at {}",
+            std::process::id(),
+            mountpoint.display()
+        );
     }
 
     Ok(smol::block_on(async {

@@ -250,11 +250,10 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(control) = worker {
         dst::worker::run(&req, cfg, control)
     }
-    // The keeper only checks the keys; each worker loads them again.
-    drop(cfg);
+    // The keeper only checks the keys and logs the settings; each worker loads them again.
     if req.options.foreground == Some(true) {
-        dst::mount::run_foreground(&req)
+        dst::mount::run_foreground(&req, cfg)
     } else {
-        dst::mount::run_background(&req)
+        dst::mount::run_background(&req, cfg)
     }
 }

@@ -136,14 +136,17 @@ struct Keeper<'a> {
     restart_at: Option<Instant>,
     /// The line that says what was mounted, logged once start-up is over.
     mounted: String,
+    /// The resend settings in effect, logged after it.
+    settings: String,
     /// Since when no worker serves (a restart or upgrade under way).
     paused_since: Option<Instant>,
     upgrading: bool,
 }
 
-/// Runs the keeper of the mount `req` asks for until the mount goes away. `ready` is the
-/// background start's report pipe; without it, the service manager is told instead.
-pub fn keep(req: &MountRequest, ready: Option<&mut File>) -> Result<(), String> {
+/// Runs the keeper of the mount `req` asks for until the mount goes away. `settings` is
+/// logged once mounted. `ready` is the background start's report pipe; without it, the
+/// service manager is told instead.
+pub fn keep(req: &MountRequest, settings: &str, ready: Option<&mut File>) -> Result<(), String> {
     let mountpoint = req
         .mountpoint
         .canonicalize()
@@ -183,6 +186,7 @@ pub fn keep(req: &MountRequest, ready: Option<&mut File>) -> Result<(), String> 
         backoff: Backoff::default(),
         restart_at: None,
         mounted: String::new(),
+        settings: settings.to_string(),
         paused_since: None,
         upgrading: false,
     };
@@ -440,7 +444,7 @@ impl Keeper<'_> {
         }
         let paused = self.paused_since.take().map(|t| t.elapsed());
         log::info!(
-            "worker {pid} serves {} ({} restarts; the last worker: {}); requests waited {:?}",
+            "worker {pid} took over {} (restart {}; the last worker: {}); requests waited {:?}",
             self.mountpoint.display(),
             self.restarts,
             self.last_exit,
@@ -472,6 +476,7 @@ impl Keeper<'_> {
         // After the redirection: a background mount says nothing on the terminal when it
         // works, and its log file starts with this line.
         log::info!("{}", self.mounted);
+        log::info!("{}", self.settings);
     }
 
     fn on_exit(&mut self, code: Option<i32>, sig: Option<i32>) -> Result<Flow, String> {
