@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::mount::{kill, run, wait_until, AlignedBuf, DstMount, FsMount, Loop};
-use common::{pattern, Setup};
+use common::{expect, notify_socket, pattern, Setup};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Whether this kernel can resend requests a dead worker left unanswered (Linux 6.9).
@@ -387,22 +386,6 @@ fn cp_and_fsyncs_survive_worker_kills() {
     report_pauses("cp and fsync", &mut pauses);
 }
 
-/// Reads notifications from `socket` until one holds `want`.
-fn expect_notice(socket: &UnixDatagram, want: &str) {
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = socket
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("no {want}: {e}"));
-        if String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .any(|l| l == want)
-        {
-            return;
-        }
-    }
-}
-
 #[test]
 fn systemd_hears_of_a_reload_and_a_killed_keeper_leaves_no_worker() {
     require!();
@@ -412,19 +395,16 @@ fn systemd_hears_of_a_reload_and_a_killed_keeper_leaves_no_worker() {
     let s = Setup::new();
     let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
     let path = s.path("notify");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let socket = notify_socket(&path);
     let env = [("NOTIFY_SOCKET", path.as_os_str())];
     let mut m = DstMount::spawn_with_env(&s, server.addr, &s.path("mnt"), &[], &env);
-    expect_notice(&socket, "READY=1");
+    expect(&socket, "READY=1");
     let keeper = m.child.id() as i32;
     // systemctl reload: the worker is replaced, and systemd waits for READY=1 again.
     let old = worker_pid(&m.dir);
     kill(keeper, libc::SIGHUP);
-    expect_notice(&socket, "RELOADING=1");
-    expect_notice(&socket, "READY=1");
+    expect(&socket, "RELOADING=1");
+    expect(&socket, "READY=1");
     let worker = worker_pid(&m.dir);
     assert_ne!(worker, old, "a new worker serves after the reload");
     direct_read(&m.file());
