@@ -38,7 +38,7 @@ use crate::fuse;
 use crate::mount::{unmount, Output, REPORT_READY};
 use crate::mount_options::MountRequest;
 use crate::service;
-use restarts::{classify, describe, Backoff, Exit};
+use restarts::{classify, describe, Backoff, Exit, Next};
 
 /// Set in a worker's environment: the number of its control socket's descriptor.
 pub const WORKER_ENV: &str = "DST_WORKER_CONTROL";
@@ -495,13 +495,20 @@ impl Keeper<'_> {
             ));
         }
         let exit = classify(code, sig);
-        if exit == Exit::MountGone {
-            log::info!("{} was unmounted", self.mountpoint.display());
-            return Ok(Flow::Done);
-        }
         if let Exit::Died(_) = exit {
             log::error!("worker {} {why}", worker.pid);
-            if !self.kernel.is_some_and(|k| k.can_resend()) {
+        }
+        let can_resend = self.kernel.is_some_and(|k| k.can_resend());
+        let served = worker
+            .serving_since
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        let wait = match self.backoff.next(&exit, can_resend, served) {
+            Next::Exit => {
+                log::info!("{} was unmounted", self.mountpoint.display());
+                return Ok(Flow::Done);
+            }
+            Next::EndMount => {
                 log::error!(
                     "this kernel cannot resend what the worker left unanswered (Linux 6.9 \
                      or later can): unmounting {}",
@@ -510,19 +517,10 @@ impl Keeper<'_> {
                 unmount(&self.mountpoint);
                 return Err(format!("the worker serving {} {why}", self.source));
             }
-        }
+            Next::Restart(wait) => wait,
+        };
         self.restarts += 1;
         self.last_exit = why;
-        let wait = match exit {
-            Exit::Drained => Duration::ZERO,
-            _ => {
-                let served = worker
-                    .serving_since
-                    .map(|t| t.elapsed())
-                    .unwrap_or_default();
-                self.backoff.after_death(served)
-            }
-        };
         self.paused_since.get_or_insert_with(Instant::now);
         if !wait.is_zero() {
             log::warn!("starting a new worker in {wait:?}");

@@ -64,6 +64,18 @@ fn signal_name(s: i32) -> Option<&'static str> {
     })
 }
 
+/// What the keeper does once the worker serving its mount ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The mount is gone: the keeper exits.
+    Exit,
+    /// The kernel cannot resend what the worker left unanswered, so no other worker can
+    /// take over: the mount ends.
+    EndMount,
+    /// A new worker, after this wait.
+    Restart(Duration),
+}
+
 /// The wait before restarting a worker that died: none the first time, then 50 ms
 /// doubling to 5 s while workers keep dying; a worker that served for 30 s starts over.
 #[derive(Debug, Default)]
@@ -77,6 +89,17 @@ const MAX: Duration = Duration::from_secs(5);
 pub const SETTLED: Duration = Duration::from_secs(30);
 
 impl Backoff {
+    /// What follows `exit` of a worker that had served for `served`, on a kernel that
+    /// can resend unanswered requests or not.
+    pub fn next(&mut self, exit: &Exit, can_resend: bool, served: Duration) -> Next {
+        match exit {
+            Exit::MountGone => Next::Exit,
+            _ if !can_resend => Next::EndMount,
+            Exit::Drained => Next::Restart(Duration::ZERO),
+            Exit::Died(_) => Next::Restart(self.after_death(served)),
+        }
+    }
+
     /// The wait after a worker died that had served for `served`.
     pub fn after_death(&mut self, served: Duration) -> Duration {
         if served >= SETTLED {
@@ -108,6 +131,25 @@ mod tests {
         );
         assert_eq!(describe(None, Some(64)), "killed by signal 64");
         assert_eq!(describe(Some(1), None), "could not start (exit status 1)");
+    }
+
+    #[test]
+    fn an_unmount_ends_the_keeper_and_without_resend_a_death_ends_the_mount() {
+        let mut b = Backoff::default();
+        let died = Exit::Died("killed by signal 9 (SIGKILL)".into());
+        let t = Duration::from_secs(1);
+        assert_eq!(b.next(&Exit::MountGone, true, t), Next::Exit);
+        assert_eq!(b.next(&Exit::MountGone, false, t), Next::Exit);
+        assert_eq!(b.next(&died, false, t), Next::EndMount);
+        assert_eq!(b.next(&Exit::Drained, false, t), Next::EndMount);
+        assert_eq!(b.next(&died, true, t), Next::Restart(Duration::ZERO));
+        assert_eq!(b.next(&died, true, t), Next::Restart(STEP));
+        // An upgrade is no crash: at once, and the backoff is left as it was.
+        assert_eq!(
+            b.next(&Exit::Drained, true, t),
+            Next::Restart(Duration::ZERO)
+        );
+        assert_eq!(b.next(&died, true, t), Next::Restart(STEP * 2));
     }
 
     #[test]
