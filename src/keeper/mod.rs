@@ -271,14 +271,14 @@ impl Keeper<'_> {
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null());
         sys::pass_across_exec(&mut cmd, fd);
+        let reader = control
+            .try_clone()
+            .map_err(|e| format!("cannot read the control socket: {e}"))?;
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start a worker ({}): {e}", self.exe.display()))?;
         drop(theirs);
         let pid = child.id();
-        let reader = control
-            .try_clone()
-            .map_err(|e| format!("cannot read the control socket: {e}"))?;
         let tx = self.events_tx.clone();
         let words = std::thread::Builder::new()
             .name("worker-control".into())
@@ -509,12 +509,12 @@ impl Keeper<'_> {
                 return Ok(Flow::Done);
             }
             Next::EndMount => {
+                // Unmounted by abandon(), as after any error.
                 log::error!(
                     "this kernel cannot resend what the worker left unanswered (Linux 6.9 \
                      or later can): unmounting {}",
                     self.mountpoint.display()
                 );
-                unmount(&self.mountpoint);
                 return Err(format!("the worker serving {} {why}", self.source));
             }
             Next::Restart(wait) => wait,
@@ -532,6 +532,10 @@ impl Keeper<'_> {
     /// SIGHUP: the serving worker drains and exits; the next one runs the binary now at
     /// the keeper's path.
     fn upgrade(&mut self) {
+        if self.kernel.is_none() {
+            log::warn!("upgrade asked before the mount is there; the worker starting runs it");
+            return;
+        }
         if !self.kernel.is_some_and(|k| k.can_resend()) {
             log::error!(
                 "cannot upgrade the worker: this kernel lacks FUSE_NOTIFY_RESEND (Linux 6.9 \

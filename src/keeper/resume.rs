@@ -4,7 +4,10 @@
 //! notice that makes the kernel queue again every request a dead worker had read but not
 //! answered. Pure: bytes out, laid out as the kernel's `fuse_kernel.h` ABI says.
 
-/// What the kernel offered in its FUSE_INIT at mount time.
+/// What the kernel offered in its FUSE_INIT at mount time. A worker's fuser answers it as
+/// the keeper's did, since both make the same choices ([`crate::fuse::configure_kernel`])
+/// with the same fuser; a dst-mount built on a fuser with another ABI minor or other
+/// default flags needs a new mount rather than an upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelInit {
     pub major: u32,
