@@ -197,7 +197,8 @@ mod tests {
     #[test]
     fn prometheus_text_has_counters_gauges_and_seconds() {
         let stats = "connected 1\nrequests 398\nbytes_written 4096\nlatency_p99_us 1500\n\
-                     novalue\nBad-Name 3\nsome_future_gauge x\n";
+                     novalue\nBad-Name 3\nsome_future_gauge x\nworker_restarts 2\n\
+                     worker_last_exit killed by signal 9 (SIGKILL)\n";
         let out = for_prometheus("node1:7700/disk", Path::new("/mnt/a \"b\""), stats);
         let labels = r#"{source="node1:7700/disk",mountpoint="/mnt/a \"b\""}"#;
         let want = format!(
@@ -206,9 +207,20 @@ mod tests {
              # TYPE dst_mount_bytes_written_total counter\n\
              dst_mount_bytes_written_total{labels} 4096\n\
              # TYPE dst_mount_latency_p99_seconds gauge\n\
-             dst_mount_latency_p99_seconds{labels} 0.0015\n"
+             dst_mount_latency_p99_seconds{labels} 0.0015\n\
+             # TYPE dst_mount_worker_restarts_total counter\n\
+             dst_mount_worker_restarts_total{labels} 2\n"
         );
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn stats_numbers_are_found_by_name() {
+        let stats = "worker_pid 12\nkeeper_pid 11\nworker_pid_x 3\nworker_last_exit none\n";
+        assert_eq!(stats_number(stats, "worker_pid"), Some(12));
+        assert_eq!(stats_number(stats, "keeper_pid"), Some(11));
+        assert_eq!(stats_number(stats, "worker_last_exit"), None);
+        assert_eq!(stats_number(stats, "worker"), None);
     }
 
     #[test]
