@@ -420,3 +420,16 @@ fn systemd_hears_of_a_reload_and_a_killed_keeper_leaves_no_worker() {
         },
     );
 }
+
+#[test]
+fn upgrade_refuses_what_is_not_a_dst_mount() {
+    let s = Setup::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_dst-mount"))
+        .arg("--upgrade")
+        .arg(s.dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is not a dst mount"), "{err}");
+}
