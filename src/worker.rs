@@ -22,9 +22,11 @@ use crate::protocol::Access;
 pub fn run(req: &MountRequest, cfg: EngineConfig, control: Control) -> ! {
     let code = match serve(req, cfg, &control) {
         Ok(code) => code,
+        // The keeper prints or logs it.
         Err(e) => {
-            log::error!("{e}");
-            let _ = control.tell_keeper(&ToKeeper::Failed(e));
+            if let Err(gone) = control.tell_keeper(&ToKeeper::Failed(e.clone())) {
+                log::error!("{e} (and the keeper is gone: {gone})");
+            }
             EXIT_FAILED
         }
     };
