@@ -176,6 +176,7 @@ fn fio(file: &Path) -> Guarded {
             "--do_verify=1",
             "--verify_backlog=1024",
             "--continue_on_error=none",
+            "--verify_state_save=0",
         ])
         .arg(format!("--filename={}", file.display()))
         .stdin(Stdio::null())
@@ -432,4 +433,29 @@ fn upgrade_refuses_what_is_not_a_dst_mount() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("is not a dst mount"), "{err}");
+}
+
+#[test]
+fn an_unmount_while_no_worker_serves_ends_the_keeper() {
+    require!();
+    if let Some(why) = kernel_resends() {
+        return common::skip(&why);
+    }
+    let s = Setup::new();
+    let mut server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    let mut m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
+    let worker = worker_pid(&m.dir);
+    // With the export node gone, no new worker can connect, so none serves.
+    server.stop(libc::SIGKILL);
+    kill(worker as i32, libc::SIGKILL);
+    wait_until(
+        "a worker to fail to connect",
+        Duration::from_secs(10),
+        || m.log().contains("could not start"),
+    );
+    // umount(8) asks the filesystem (statfs) first, which waits for a worker; -l does not.
+    run("umount", &["-l", m.dir.to_str().unwrap()]);
+    let status = m.wait();
+    assert!(status.success(), "dst-mount exit: {status}\n{}", m.log());
+    assert!(m.log().contains("was unmounted"), "{}", m.log());
 }

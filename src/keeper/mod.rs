@@ -70,6 +70,8 @@ pub fn worker_control() -> Result<Option<Control>, String> {
 /// What the keeper waits for.
 enum Event {
     Signal(i32),
+    /// The kernel ended the FUSE connection: the mount is gone.
+    MountGone,
     Message(u32, ToKeeper),
     Exited(u32, Option<i32>, Option<i32>),
 }
@@ -130,6 +132,8 @@ struct Keeper<'a> {
     /// The first worker served: start-up is over.
     started: bool,
     stopping: bool,
+    /// The kernel ended the FUSE connection (unmounted).
+    mount_gone: bool,
     restarts: u32,
     last_exit: String,
     backoff: Backoff,
@@ -181,6 +185,7 @@ pub fn keep(req: &MountRequest, settings: &str, ready: Option<&mut File>) -> Res
         worker: None,
         started: false,
         stopping: false,
+        mount_gone: false,
         restarts: 0,
         last_exit: "none".into(),
         backoff: Backoff::default(),
@@ -229,6 +234,7 @@ impl Keeper<'_> {
             };
             let flow = match event {
                 Ok(Event::Signal(sig)) => self.on_signal(sig)?,
+                Ok(Event::MountGone) => self.on_mount_gone(),
                 Ok(Event::Message(pid, msg)) if self.is_current(pid) => self.on_message(msg)?,
                 Ok(Event::Exited(pid, code, sig)) if self.is_current(pid) => {
                     self.on_exit(code, sig)?
@@ -346,12 +352,30 @@ impl Keeper<'_> {
         Ok(Flow::Continue)
     }
 
+    /// Unmounted: a worker that serves finishes as usual; one that does not yet is
+    /// ended, and none is started any more.
+    fn on_mount_gone(&mut self) -> Flow {
+        self.mount_gone = true;
+        self.restart_at = None;
+        match &self.worker {
+            None => {
+                log::info!("{} was unmounted", self.mountpoint.display());
+                Flow::Done
+            }
+            Some(w) if w.adopted => Flow::Continue,
+            Some(w) => {
+                let _ = sys::signal_process(w.pid, libc::SIGKILL);
+                Flow::Continue
+            }
+        }
+    }
+
     fn on_message(&mut self, msg: ToKeeper) -> Result<Flow, String> {
         match msg {
             ToKeeper::Connected {
                 read_only, size, ..
             } => {
-                if self.stopping {
+                if self.stopping || self.mount_gone {
                     return Ok(Flow::Continue);
                 }
                 if self.session.is_none() {
@@ -384,7 +408,22 @@ impl Keeper<'_> {
         )
         .map_err(|e| format!("cannot mount at {}: {e}", self.mountpoint.display()))?;
         let kernel = recorded.lock().unwrap().take();
+        // Workers see an unmount as the end of their FUSE loop; the keeper must see it too,
+        // for when no worker serves (between restarts, or none can connect).
+        let watched = session.as_fd().try_clone_to_owned();
         self.session = Some(session);
+        let events = self.events_tx.clone();
+        watched
+            .and_then(|fd| {
+                std::thread::Builder::new()
+                    .name("mount-watch".into())
+                    .spawn(move || {
+                        if sys::wait_for_error(fd.as_fd()).is_ok() {
+                            let _ = events.send(Event::MountGone);
+                        }
+                    })
+            })
+            .map_err(|e| format!("cannot watch the FUSE connection: {e}"))?;
         let kernel = kernel.ok_or("the kernel's FUSE_INIT went unseen; report this bug")?;
         if !kernel.can_resend() {
             log::warn!(
@@ -484,7 +523,7 @@ impl Keeper<'_> {
             return Ok(Flow::Continue);
         };
         let why = describe(code, sig);
-        if self.stopping {
+        if self.stopping || self.mount_gone {
             log::info!("worker {} ended: {why}", worker.pid);
             return Ok(Flow::Done);
         }

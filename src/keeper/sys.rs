@@ -1,6 +1,7 @@
 //! The system calls the keeper and its workers need that std has no safe form of: a
 //! SOCK_SEQPACKET socket pair, messages that carry a descriptor (SCM_RIGHTS), replacing a
-//! descriptor in place (dup2), keeping one across exec, and the parent-death signal.
+//! descriptor in place (dup2), keeping one across exec, waiting for a descriptor's error
+//! (the end of a FUSE connection), and the parent-death signal.
 //! Every unsafe block of the keeper is here.
 
 use std::io;
@@ -184,6 +185,31 @@ pub fn die_with_parent(signal: i32, parent: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until `fd` reports an error or hangup: for a /dev/fuse connection, that the
+/// kernel ended it (the filesystem was unmounted, or the connection aborted).
+pub fn wait_for_error(fd: BorrowedFd) -> io::Result<()> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        // No events asked for: errors and hangups are always reported.
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one pollfd, alive for the call.
+        let n = unsafe { libc::poll(&mut pollfd, 1, -1) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if pollfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Ok(());
+        }
+    }
+}
+
 /// Ignores `signal` in this process.
 pub fn ignore_signal(signal: i32) {
     // SAFETY: setting a signal's disposition to SIG_IGN runs no code of ours.
@@ -222,6 +248,16 @@ mod tests {
         assert_eq!((&buf[..n], fd.is_none()), (&b"two"[..], true));
         drop(a);
         assert_eq!(recv(b.as_fd(), &mut buf).unwrap().0, 0, "closed peer: 0");
+    }
+
+    #[test]
+    fn a_closed_peer_is_seen_as_an_error_or_hangup() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let waiter = std::thread::spawn(move || wait_for_error(b.as_fd()));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished());
+        drop(a);
+        waiter.join().unwrap().unwrap();
     }
 
     #[test]
