@@ -107,12 +107,7 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
 /// The resend settings in effect, for the log: what an operator needs to know about when
 /// an outage turns into I/O errors.
 fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
-    let give_up = Profile {
-        resend_timeout: cfg.resend_timeout,
-        resend_count: cfg.resend_count,
-        ping_interval: cfg.ping_interval,
-    }
-    .give_up_after();
+    let give_up = give_up_after(cfg);
     format!(
         "{} profile: resend timeout {:?}, resend count {}, ping interval {:?}; \
          I/O fails with EIO after {give_up:?} without an answer",
@@ -121,6 +116,16 @@ fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
         cfg.resend_count,
         cfg.ping_interval,
     )
+}
+
+/// How long a transaction waits at most for an answer under `cfg`.
+fn give_up_after(cfg: &EngineConfig) -> Duration {
+    Profile {
+        resend_timeout: cfg.resend_timeout,
+        resend_count: cfg.resend_count,
+        ping_interval: cfg.ping_interval,
+    }
+    .give_up_after()
 }
 
 /// Loads the keys a request names; the messages say which option to fix.
@@ -144,19 +149,25 @@ pub fn load_keys(req: &MountRequest) -> Result<(PrivateKey, PublicKey), String> 
 /// Mounts and keeps the mount in this process until unmounted or signalled. `cfg` is only
 /// described in the log: each worker makes its own from `req`.
 pub fn run_foreground(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
-    keeper::keep(req, &settings(req, cfg), None)
+    let (settings, give_up) = settings(req, cfg);
+    keeper::keep(req, &settings, give_up, None)
 }
 
-/// The settings line of the log; the configuration (and its key) is dropped.
-fn settings(req: &MountRequest, cfg: EngineConfig) -> String {
-    resend_summary(&cfg, req.options.fail_fast == Some(true))
+/// What the keeper needs of the engine's settings: the log's line about them, and how
+/// long I/O may wait for an answer (also for a worker to take over). The configuration
+/// (and its key) is dropped.
+fn settings(req: &MountRequest, cfg: EngineConfig) -> (String, Duration) {
+    (
+        resend_summary(&cfg, req.options.fail_fast == Some(true)),
+        give_up_after(&cfg),
+    )
 }
 
 /// Forks; the child mounts and serves, the parent returns once the mount is ready (Ok) or
 /// with the child's error. Must be called while the process has one thread: fork copies
 /// only the calling thread, so locks held by others would stay locked in the child.
 pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
-    let settings = settings(req, cfg);
+    let (settings, give_up) = settings(req, cfg);
     let (read_end, write_end) = pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
     // SAFETY: the process is single-threaded here (see above), so the child may continue
     // running arbitrary code.
@@ -167,7 +178,7 @@ pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), Strin
             // Still in the caller's process group until the mount is ready, so that Ctrl-C
             // on a mount command that hangs connecting stops this process too.
             let mut report = File::from(write_end);
-            match keeper::keep(req, &settings, Some(&mut report)) {
+            match keeper::keep(req, &settings, give_up, Some(&mut report)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
                     // Every error comes before readiness; the parent prints it.

@@ -459,3 +459,42 @@ fn an_unmount_while_no_worker_serves_ends_the_keeper() {
     assert!(status.success(), "dst-mount exit: {status}\n{}", m.log());
     assert!(m.log().contains("was unmounted"), "{}", m.log());
 }
+
+#[test]
+fn when_no_worker_can_take_over_io_fails_after_the_give_up_time() {
+    require!();
+    if let Some(why) = kernel_resends() {
+        return common::skip(&why);
+    }
+    let s = Setup::new();
+    let mut server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
+    // I/O fails after 2 x 500 ms without an answer.
+    let args = ["--resend-timeout", "500ms", "--resend-count", "1"];
+    let mut m = DstMount::start(&s, &server, &s.path("mnt"), &args);
+    let worker = worker_pid(&m.dir);
+    server.stop(libc::SIGKILL);
+    kill(worker as i32, libc::SIGKILL);
+    let file = m.file();
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&file)
+            .and_then(|f| f.read_exact_at(AlignedBuf::zeroed(4096).as_mut_slice(), 0))
+    });
+    let status = m.wait();
+    assert!(!status.success(), "the keeper gave up with an error status");
+    let read = reader.join().unwrap();
+    assert!(
+        read.is_err(),
+        "I/O waiting for a worker fails once the keeper gives up"
+    );
+    eprintln!("gave up after {:?}: {read:?}", started.elapsed());
+    assert!(m.log().contains("no worker could take over"), "{}", m.log());
+    assert_eq!(
+        common::mount::mounted_type(&m.dir),
+        None,
+        "the mount is gone"
+    );
+}

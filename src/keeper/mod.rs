@@ -144,13 +144,22 @@ struct Keeper<'a> {
     settings: String,
     /// Since when no worker serves (a restart or upgrade under way).
     paused_since: Option<Instant>,
+    /// Since when no worker serves after one died (not drained).
+    dead_since: Option<Instant>,
+    give_up: Duration,
     upgrading: bool,
 }
 
 /// Runs the keeper of the mount `req` asks for until the mount goes away. `settings` is
-/// logged once mounted. `ready` is the background start's report pipe; without it, the
+/// logged once mounted. If no worker serves for `give_up` after one died (none can reach
+/// the export node), the mount ends, so that I/O fails as the engine's would after as long. `ready` is the background start's report pipe; without it, the
 /// service manager is told instead.
-pub fn keep(req: &MountRequest, settings: &str, ready: Option<&mut File>) -> Result<(), String> {
+pub fn keep(
+    req: &MountRequest,
+    settings: &str,
+    give_up: Duration,
+    ready: Option<&mut File>,
+) -> Result<(), String> {
     let mountpoint = req
         .mountpoint
         .canonicalize()
@@ -193,11 +202,17 @@ pub fn keep(req: &MountRequest, settings: &str, ready: Option<&mut File>) -> Res
         mounted: String::new(),
         settings: settings.to_string(),
         paused_since: None,
+        dead_since: None,
+        give_up,
         upgrading: false,
     };
     keeper.worker = Some(keeper.spawn()?);
     let result = keeper.run();
-    if result.is_err() {
+    if let Err(e) = &result {
+        // In the background once started, nobody else would see why the mount ended.
+        if keeper.started && keeper.ready.is_some() {
+            log::error!("{e}");
+        }
         keeper.abandon();
     }
     result
@@ -223,7 +238,8 @@ fn watch_signals(events: Sender<Event>) -> Result<(), String> {
 impl Keeper<'_> {
     fn run(&mut self) -> Result<(), String> {
         loop {
-            let event = match self.restart_at {
+            let give_up_at = self.dead_since.map(|t| t + self.give_up);
+            let event = match [self.restart_at, give_up_at].into_iter().flatten().min() {
                 None => self
                     .events
                     .recv()
@@ -240,6 +256,18 @@ impl Keeper<'_> {
                     self.on_exit(code, sig)?
                 }
                 Ok(_) => Flow::Continue,
+                Err(RecvTimeoutError::Timeout)
+                    if give_up_at.is_some_and(|at| at <= Instant::now()) =>
+                {
+                    return Err(format!(
+                        "no worker could take over {} for {:?} (the last one {}); \
+                         unmounting, so that I/O fails as it would after that long \
+                         without an answer",
+                        self.mountpoint.display(),
+                        self.give_up,
+                        self.last_exit
+                    ));
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     self.restart_at = None;
                     match self.spawn() {
@@ -481,6 +509,7 @@ impl Keeper<'_> {
             self.report_ready();
             return;
         }
+        self.dead_since = None;
         let paused = self.paused_since.take().map(|t| t.elapsed());
         log::info!(
             "worker {pid} took over {} (restart {}; the last worker: {}); requests waited {:?}",
@@ -536,6 +565,7 @@ impl Keeper<'_> {
         let exit = classify(code, sig);
         if let Exit::Died(_) = exit {
             log::error!("worker {} {why}", worker.pid);
+            self.dead_since.get_or_insert_with(Instant::now);
         }
         let can_resend = self.kernel.is_some_and(|k| k.can_resend());
         let served = worker
