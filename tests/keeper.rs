@@ -37,7 +37,17 @@ use common::mount::{kill, run, wait_until, AlignedBuf, DstMount, FsMount, Loop};
 use common::{expect, notify_socket, pattern, Setup};
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Whether this kernel can resend requests a dead worker left unanswered (Linux 6.9).
+/// As `require!`, and Linux 6.9 or later (FUSE_NOTIFY_RESEND).
+macro_rules! require_resend {
+    ($($tool:expr),* $(,)?) => {
+        require!($($tool),*);
+        if let Some(why) = kernel_resends() {
+            return common::skip(&why);
+        }
+    };
+}
+
+/// Why this kernel cannot resend requests a dead worker left unanswered (Linux 6.9).
 fn kernel_resends() -> Option<String> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut parts = release
@@ -205,10 +215,7 @@ fn hashes(file: &Path, len: u64) -> Vec<u64> {
 
 #[test]
 fn fio_verifies_across_worker_kills_and_an_upgrade() {
-    require!("losetup", "mkfs.ext4", "e2fsck", "fio");
-    if let Some(why) = kernel_resends() {
-        return common::skip(&why);
-    }
+    require_resend!("losetup", "mkfs.ext4", "e2fsck", "fio");
     let s = Setup::new();
     let mut rng = Rng::new();
     let server = s.server(&["--export", "disk=disk.img", "--create-size", "512M"]);
@@ -313,10 +320,7 @@ fn fsync_writer(dir: PathBuf, seed: u64, stop: Arc<AtomicBool>) -> Vec<(String, 
 
 #[test]
 fn cp_and_fsyncs_survive_worker_kills() {
-    require!("losetup", "mkfs.ext4", "e2fsck", "cp");
-    if let Some(why) = kernel_resends() {
-        return common::skip(&why);
-    }
+    require_resend!("losetup", "mkfs.ext4", "e2fsck", "cp");
     let s = Setup::new();
     let mut rng = Rng::new();
     let mut server = s.server(&["--export", "disk=disk.img", "--create-size", "512M"]);
@@ -389,10 +393,7 @@ fn cp_and_fsyncs_survive_worker_kills() {
 
 #[test]
 fn systemd_hears_of_a_reload_and_a_killed_keeper_leaves_no_worker() {
-    require!();
-    if let Some(why) = kernel_resends() {
-        return common::skip(&why);
-    }
+    require_resend!();
     let s = Setup::new();
     let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
     let path = s.path("notify");
@@ -437,10 +438,7 @@ fn upgrade_refuses_what_is_not_a_dst_mount() {
 
 #[test]
 fn an_unmount_while_no_worker_serves_ends_the_keeper() {
-    require!();
-    if let Some(why) = kernel_resends() {
-        return common::skip(&why);
-    }
+    require_resend!();
     let s = Setup::new();
     let mut server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
     let mut m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
@@ -462,10 +460,7 @@ fn an_unmount_while_no_worker_serves_ends_the_keeper() {
 
 #[test]
 fn when_no_worker_can_take_over_io_fails_after_the_give_up_time() {
-    require!();
-    if let Some(why) = kernel_resends() {
-        return common::skip(&why);
-    }
+    require_resend!();
     let s = Setup::new();
     let mut server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
     // I/O fails after 2 x 500 ms without an answer.
