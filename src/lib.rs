@@ -10,7 +10,8 @@
 //! [`protocol`] holds the frames and their strict decoding, [`channel`] the handshake and
 //! encrypted framing ([`cipher`] its ciphers and record keys), [`server`] the export node, [`client`] the client side, and
 //! [`keys`] the key files both sides use. On the client, [`fuse`] shows an export as one
-//! file, [`mount`] runs a mount from start to unmount, and [`mount_options`] parses what
+//! file, [`keeper`] owns a mount and restarts or upgrades the [`worker`] that serves it,
+//! [`mount`] holds what both share, and [`mount_options`] parses what
 //! mount(8), fstab and `dst-mount` are given. [`process`] keeps key material out of core
 //! dumps in every binary; [`logging`] and [`service`] are how they talk to an operator's
 //! tools (log lines, with journald priorities under systemd; sd_notify).
@@ -20,6 +21,7 @@ pub mod channel;
 pub mod cipher;
 pub mod client;
 pub mod fuse;
+pub mod keeper;
 pub mod keys;
 pub mod logging;
 pub mod mount;
@@ -33,3 +35,4 @@ pub mod service;
 pub mod socket;
 pub mod status;
 pub mod units;
+pub mod worker;

@@ -1,8 +1,10 @@
-//! The life of a dst mount: connecting the engine, mounting the FUSE filesystem, serving it,
-//! and ending on `umount` or a signal once every in-flight transaction is acked or failed.
-//! Also the background start: dst-mount forks before any thread exists, the child mounts
-//! and reports over a pipe, and the parent exits only with that report, so a mount command
-//! returns when the mount is usable, or fails with the child's reason.
+//! A dst mount's settings and the parts of its life that the keeper ([`crate::keeper`])
+//! and its workers ([`crate::worker`]) share: the engine's settings from the mount
+//! request, where output goes once mounted, following the export's size, finishing
+//! in-flight work and unmounting. Also the background start: dst-mount forks before any
+//! thread exists, the child (the keeper) mounts and reports over a pipe, and the parent
+//! exits only with that report, so a mount command returns when the mount is usable, or
+//! fails with the child's reason.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -15,11 +17,11 @@ use std::time::Duration;
 use crate::cipher::Cipher;
 use crate::client::engine::{Engine, EngineConfig};
 use crate::client::ClientConfig;
-use crate::fuse::{self, DstFs, FsConfig, Tasks};
+use crate::fuse::{self, Tasks};
+use crate::keeper;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::mount_options::MountRequest;
 use crate::protocol::Access;
-use crate::service;
 
 /// The transfer size asked for when none is given; the server may agree to less.
 pub const DEFAULT_MAX_TRANSFER: u32 = 1 << 20;
@@ -105,12 +107,7 @@ pub fn engine_config(req: &MountRequest, key: PrivateKey, server_key: PublicKey)
 /// The resend settings in effect, for the log: what an operator needs to know about when
 /// an outage turns into I/O errors.
 fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
-    let give_up = Profile {
-        resend_timeout: cfg.resend_timeout,
-        resend_count: cfg.resend_count,
-        ping_interval: cfg.ping_interval,
-    }
-    .give_up_after();
+    let give_up = give_up_after(cfg);
     format!(
         "{} profile: resend timeout {:?}, resend count {}, ping interval {:?}; \
          I/O fails with EIO after {give_up:?} without an answer",
@@ -119,6 +116,16 @@ fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
         cfg.resend_count,
         cfg.ping_interval,
     )
+}
+
+/// How long a transaction waits at most for an answer under `cfg`.
+fn give_up_after(cfg: &EngineConfig) -> Duration {
+    Profile {
+        resend_timeout: cfg.resend_timeout,
+        resend_count: cfg.resend_count,
+        ping_interval: cfg.ping_interval,
+    }
+    .give_up_after()
 }
 
 /// Loads the keys a request names; the messages say which option to fix.
@@ -139,15 +146,28 @@ pub fn load_keys(req: &MountRequest) -> Result<(PrivateKey, PublicKey), String> 
     Ok((key, server_key))
 }
 
-/// Mounts and serves in this process until unmounted or signalled.
+/// Mounts and keeps the mount in this process until unmounted or signalled. `cfg` is only
+/// described in the log: each worker makes its own from `req`.
 pub fn run_foreground(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
-    serve(req, cfg, None)
+    let (settings, give_up) = settings(req, cfg);
+    keeper::keep(req, &settings, give_up, None)
+}
+
+/// What the keeper needs of the engine's settings: the log's line about them, and how
+/// long I/O may wait for an answer (also for a worker to take over). The configuration
+/// (and its key) is dropped.
+fn settings(req: &MountRequest, cfg: EngineConfig) -> (String, Duration) {
+    (
+        resend_summary(&cfg, req.options.fail_fast == Some(true)),
+        give_up_after(&cfg),
+    )
 }
 
 /// Forks; the child mounts and serves, the parent returns once the mount is ready (Ok) or
 /// with the child's error. Must be called while the process has one thread: fork copies
 /// only the calling thread, so locks held by others would stay locked in the child.
 pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {
+    let (settings, give_up) = settings(req, cfg);
     let (read_end, write_end) = pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
     // SAFETY: the process is single-threaded here (see above), so the child may continue
     // running arbitrary code.
@@ -158,7 +178,7 @@ pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), Strin
             // Still in the caller's process group until the mount is ready, so that Ctrl-C
             // on a mount command that hangs connecting stops this process too.
             let mut report = File::from(write_end);
-            match serve(req, cfg, Some(&mut report)) {
+            match keeper::keep(req, &settings, give_up, Some(&mut report)) {
                 Ok(()) => std::process::exit(0),
                 Err(e) => {
                     // Every error comes before readiness; the parent prints it.
@@ -190,7 +210,7 @@ pub fn run_background(req: &MountRequest, cfg: EngineConfig) -> Result<(), Strin
     }
 }
 
-const REPORT_READY: u8 = 0;
+pub(crate) const REPORT_READY: u8 = 0;
 const REPORT_ERROR: u8 = 1;
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -217,142 +237,15 @@ fn reap(pid: libc::pid_t) -> String {
     }
 }
 
-/// Connects, mounts, tells `ready` (when started in the background) and serves until the
-/// filesystem is unmounted or SIGTERM/SIGINT arrives; then lets every in-flight request finish
-/// and closes the engine, which waits for every transaction to be acked or failed.
-fn serve(req: &MountRequest, cfg: EngineConfig, ready: Option<&mut File>) -> Result<(), String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mountpoint = req
-        .mountpoint
-        .canonicalize()
-        .map_err(|e| format!("mount point {}: {e}", req.mountpoint.display()))?;
-    if !mountpoint.is_dir() {
-        return Err(format!(
-            "mount point {} is not a directory",
-            mountpoint.display()
-        ));
-    }
-    // Opened before mounting, so that a bad log file fails the mount instead of leaving it
-    // without a server.
-    let output = Output::open(req.options.log_file.as_deref())?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let (sig_tx, sig_rx) = smol::channel::bounded(1);
-    let signal_handle = signals.handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                let _ = sig_tx.send_blocking(sig);
-            }
-        })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    let source = req.source.to_string();
-    let resends = resend_summary(&cfg, req.options.fail_fast == Some(true));
-    // Connecting can take long (an unreachable host); a signal meanwhile gives up.
-    let engine = smol::block_on(smol::future::or(
-        async { Engine::start(cfg).await.map_err(|e| e.to_string()) },
-        async {
-            let sig = sig_rx.recv().await.unwrap_or(SIGTERM);
-            Err(format!("signal {sig} before the connection was made"))
-        },
-    ))
-    .map_err(|e| format!("cannot mount {source}: {e}"))?;
-    let info = engine.info().clone();
-    if let Err(e) = fuse::check_file_name(&info.export) {
-        smol::block_on(engine.close());
-        return Err(format!("cannot mount {source}: {e}"));
-    }
-    let read_only = info.access == Access::ReadOnly;
-    // SAFETY: plain system calls without arguments.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = DstFs::new(
-        engine.clone(),
-        FsConfig {
-            name: info.export.clone(),
-            block_size: info.block_size,
-            read_only,
-            uid,
-            gid,
-        },
-    );
-    let tasks = fs.tasks();
-    let session = match fuser::Session::new(
-        fs,
-        &mountpoint,
-        &fuse::mount_config(&source, read_only, uid == 0),
-    ) {
-        Ok(session) => session,
-        Err(e) => {
-            smol::block_on(engine.close());
-            return Err(format!("cannot mount at {}: {e}", mountpoint.display()));
-        }
-    };
-
-    // Not fatal: the mount works, only growth would go unseen until the next mount.
-    if let Err(e) = follow_size(&engine, session.notifier(), mountpoint.join(&info.export)) {
-        log::warn!("{e}");
-    }
-    let (done_tx, done_rx) = smol::channel::bounded(1);
-    std::thread::Builder::new()
-        .name("fuse".into())
-        .spawn(move || {
-            let result = session.run();
-            let _ = done_tx.send_blocking(result);
-        })
-        .map_err(|e| format!("cannot start the FUSE thread: {e}"))?;
-
-    if ready.is_some() {
-        // Nothing stays attached to the caller's terminal or pipes.
-        output.detach_all();
-    } else {
-        output.redirect_stderr();
-    }
-    // After the redirection: a background mount says nothing on the terminal when it works,
-    // and its log file starts with this line.
-    log::info!(
-        "mounted {source} ({} bytes, {}) at {} (pid {})",
-        info.size,
-        if read_only { "read-only" } else { "read-write" },
-        mountpoint.display(),
-        std::process::id()
-    );
-    log::info!("{resends}");
-    let foreground = ready.is_none();
-    match ready {
-        // Not fatal: the mount works; the parent then says the process ended early.
-        Some(report) => drop(report.write_all(&[REPORT_READY])),
-        // In the foreground under a unit, systemd is told instead (Type=notify).
-        None => service::ready(&format!("mounted {source} at {}", mountpoint.display())),
-    }
-
-    smol::block_on(async {
-        let signalled = smol::future::or(async { sig_rx.recv().await.ok() }, async {
-            match done_rx.recv().await {
-                Ok(Err(e)) => log::error!("FUSE session ended: {e}"),
-                _ => log::info!("{} was unmounted", mountpoint.display()),
-            }
-            None
-        })
-        .await;
-        if foreground {
-            service::stopping("waiting for the acks of writes in flight");
-        }
-        if let Some(sig) = signalled {
-            log::info!("signal {sig}: unmounting {}", mountpoint.display());
-            unmount(&mountpoint);
-        }
-        finish(&tasks, &engine).await;
-    });
-    signal_handle.close();
-    Ok(())
-}
-
 /// Whenever the export grows, makes the kernel take the data file's new size: its cached
 /// attributes are dropped, then the file is looked at, so that the kernel asks for them
 /// again and a loop device on the file finds the new size (`losetup -c`). On a thread of
 /// its own, since the FUSE thread answers that look; it lives as long as the process.
-fn follow_size(engine: &Engine, notifier: fuser::Notifier, file: PathBuf) -> Result<(), String> {
+pub(crate) fn follow_size(
+    engine: &Engine,
+    notifier: fuser::Notifier,
+    file: PathBuf,
+) -> Result<(), String> {
     let engine = engine.clone();
     std::thread::Builder::new()
         .name("resize".into())
@@ -375,7 +268,7 @@ fn follow_size(engine: &Engine, notifier: fuser::Notifier, file: PathBuf) -> Res
 
 /// Ends requests, then transactions: no request is started any more (those that arrive fail
 /// with EIO), the running ones reply, and the engine waits for the acks of what it sent.
-async fn finish(tasks: &Arc<Tasks>, engine: &Engine) {
+pub(crate) async fn finish(tasks: &Arc<Tasks>, engine: &Engine) {
     let running = tasks.running();
     if running > 0 {
         log::info!("waiting for {running} requests in progress");
@@ -388,7 +281,7 @@ async fn finish(tasks: &Arc<Tasks>, engine: &Engine) {
 /// Unmounts after a signal. A mount still in use (a loop device on the file) is detached
 /// lazily: its name goes away at once, and users of open descriptors get errors once this
 /// process has exited, rather than the unmount failing and the signal doing nothing.
-fn unmount(mountpoint: &Path) {
+pub(crate) fn unmount(mountpoint: &Path) {
     let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
         return;
     };
@@ -434,13 +327,13 @@ fn unmount(mountpoint: &Path) {
 
 /// Where the output goes once mounted: /dev/null for stdin and stdout, and for stderr the log
 /// file or, in the background, /dev/null.
-struct Output {
+pub(crate) struct Output {
     null: File,
     log: Option<File>,
 }
 
 impl Output {
-    fn open(log_file: Option<&Path>) -> Result<Output, String> {
+    pub(crate) fn open(log_file: Option<&Path>) -> Result<Output, String> {
         let null = OpenOptions::new()
             .read(true)
             .write(true)
@@ -463,7 +356,7 @@ impl Output {
     /// Leaves the caller's session (its terminal's hangup and job control no longer reach
     /// this process), terminal or pipes, and the working directory, which would otherwise stay
     /// busy for as long as the mount lives.
-    fn detach_all(&self) {
+    pub(crate) fn detach_all(&self) {
         // SAFETY: plain system call; fails harmlessly if already a session leader.
         unsafe { libc::setsid() };
         let err = self.log.as_ref().unwrap_or(&self.null);
@@ -477,7 +370,7 @@ impl Output {
     }
 
     /// In the foreground, only a log file given replaces stderr.
-    fn redirect_stderr(&self) {
+    pub(crate) fn redirect_stderr(&self) {
         if let Some(log) = &self.log {
             // SAFETY: dup2 onto stderr, which stays open.
             unsafe { libc::dup2(log.as_raw_fd(), 2) };

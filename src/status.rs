@@ -3,7 +3,7 @@
 //! collector. Both take counters they do not know by the same rules, so a new counter in
 //! `.stats` needs no change here.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::fuse;
@@ -33,6 +33,16 @@ impl FromStr for Format {
 /// `dst-mount --status MOUNTPOINT`: the live counters of a dst mount, in `format`. An
 /// error when MOUNTPOINT is not a dst mount, or when its dst-mount no longer serves it.
 pub fn status(mountpoint: &Path, format: Format) -> Result<String, String> {
+    let (source, path, text) = read_stats(mountpoint)?;
+    Ok(match format {
+        Format::Human => for_people(&source, &path, &text),
+        Format::Prometheus => for_prometheus(&source, &path, &text),
+    })
+}
+
+/// A dst mount's source, canonical mount point and `.stats` text; an error that says what
+/// to do when `mountpoint` is not a dst mount, or when nothing serves it any more.
+pub fn read_stats(mountpoint: &Path) -> Result<(String, PathBuf, String), String> {
     let shown = mountpoint.display();
     // A mount whose dst-mount has died cannot be resolved (ENOTCONN): take the path as given.
     let path = mountpoint
@@ -55,10 +65,14 @@ pub fn status(mountpoint: &Path, format: Format) -> Result<String, String> {
             format!("cannot read {}: {e}", stats.display())
         }
     })?;
-    Ok(match format {
-        Format::Human => for_people(&entry.source, &path, &text),
-        Format::Prometheus => for_prometheus(&entry.source, &path, &text),
-    })
+    Ok((entry.source, path, text))
+}
+
+/// The number on `.stats` line `name`, if there is one.
+pub fn stats_number(stats: &str, name: &str) -> Option<u64> {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The `.stats` text for people: a heading, then one aligned line per counter with units.
@@ -103,13 +117,14 @@ fn human_value(name: &str, value: &str) -> String {
 }
 
 /// Counters of `.stats` that only grow; every other number is a gauge.
-const COUNTERS: [&str; 6] = [
+const COUNTERS: [&str; 7] = [
     "requests",
     "resends",
     "reconnects",
     "failures",
     "bytes_read",
     "bytes_written",
+    "worker_restarts",
 ];
 
 /// The `.stats` text in the Prometheus text format, labelled with the mount's source and
@@ -182,7 +197,8 @@ mod tests {
     #[test]
     fn prometheus_text_has_counters_gauges_and_seconds() {
         let stats = "connected 1\nrequests 398\nbytes_written 4096\nlatency_p99_us 1500\n\
-                     novalue\nBad-Name 3\nsome_future_gauge x\n";
+                     novalue\nBad-Name 3\nsome_future_gauge x\nworker_restarts 2\n\
+                     worker_last_exit killed by signal 9 (SIGKILL)\n";
         let out = for_prometheus("node1:7700/disk", Path::new("/mnt/a \"b\""), stats);
         let labels = r#"{source="node1:7700/disk",mountpoint="/mnt/a \"b\""}"#;
         let want = format!(
@@ -191,9 +207,20 @@ mod tests {
              # TYPE dst_mount_bytes_written_total counter\n\
              dst_mount_bytes_written_total{labels} 4096\n\
              # TYPE dst_mount_latency_p99_seconds gauge\n\
-             dst_mount_latency_p99_seconds{labels} 0.0015\n"
+             dst_mount_latency_p99_seconds{labels} 0.0015\n\
+             # TYPE dst_mount_worker_restarts_total counter\n\
+             dst_mount_worker_restarts_total{labels} 2\n"
         );
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn stats_numbers_are_found_by_name() {
+        let stats = "worker_pid 12\nkeeper_pid 11\nworker_pid_x 3\nworker_last_exit none\n";
+        assert_eq!(stats_number(stats, "worker_pid"), Some(12));
+        assert_eq!(stats_number(stats, "keeper_pid"), Some(11));
+        assert_eq!(stats_number(stats, "worker_last_exit"), None);
+        assert_eq!(stats_number(stats, "worker"), None);
     }
 
     #[test]

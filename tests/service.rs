@@ -8,47 +8,16 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Stdio};
-use std::time::Duration;
 
 use common::mount::DstMount;
-use common::Setup;
-
-/// The next notification, as its `KEY=VALUE` lines.
-fn next(socket: &UnixDatagram) -> Vec<String> {
-    let mut buf = [0u8; 4096];
-    let n = socket
-        .recv(&mut buf)
-        .expect("dst-server notified the service manager in time");
-    String::from_utf8_lossy(&buf[..n])
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Waits for a notification that has `line`, skipping status updates.
-fn expect(socket: &UnixDatagram, line: &str) -> Vec<String> {
-    loop {
-        let got = next(socket);
-        if got.iter().any(|l| l == line) {
-            return got;
-        }
-        assert!(
-            got.iter().all(|l| l.starts_with("STATUS=")),
-            "expected {line}, got {got:?}"
-        );
-    }
-}
+use common::{expect, notify_socket, Setup};
 
 #[test]
 fn the_server_tells_systemd_it_is_ready_reloading_and_stopping() {
     let s = Setup::new();
     let path = s.path("notify");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let socket = notify_socket(&path);
     let mut cmd = s.server_command(
         "127.0.0.1:0".parse().unwrap(),
         &["--export", "disk=disk.img", "--create-size", "1M"],
@@ -139,10 +108,7 @@ fn a_foreground_mount_tells_systemd_when_it_is_mounted_and_when_it_stops() {
     let s = Setup::new();
     let server = s.server(&["--export", "disk=disk.img", "--create-size", "16M"]);
     let path = s.path("notify");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let socket = notify_socket(&path);
     let dir = s.path("mnt");
     let env = [("NOTIFY_SOCKET", path.as_os_str())];
     let mut m = DstMount::spawn_with_env(&s, server.addr, &dir, &[], &env);

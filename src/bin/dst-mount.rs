@@ -11,7 +11,7 @@ use dst::mount_options::{parse_max_transfer, resolve, Invocation, Options, Serve
 use dst::socket::Congestion;
 use dst::units::{parse_duration, parse_size};
 
-/// Every argument but `--status` and `--format`: none of them goes with `--status`.
+/// Every argument but `--status`, `--format` and `--upgrade`: none of them goes with those.
 const MOUNT_ARGS: [&str; 19] = [
     "positional",
     "server",
@@ -43,14 +43,14 @@ const MOUNT_ARGS: [&str; 19] = [
 #[derive(Parser)]
 #[command(
     version,
-    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)\n       dst-mount --status MOUNTPOINT [--format prometheus]"
+    override_usage = "dst-mount [OPTIONS] [SOURCE] MOUNTPOINT\n       dst-mount MOUNTPOINT    (source and options from /etc/fstab)\n       dst-mount --status MOUNTPOINT [--format prometheus]\n       dst-mount --upgrade MOUNTPOINT"
 )]
 struct Args {
     /// [SOURCE] MOUNTPOINT
     #[arg(
         value_name = "SOURCE|MOUNTPOINT",
         num_args = 1..=2,
-        required_unless_present = "status"
+        required_unless_present_any = ["status", "upgrade"]
     )]
     positional: Vec<String>,
 
@@ -58,6 +58,11 @@ struct Args {
     /// with 1 if MOUNTPOINT is not a dst mount or its dst-mount is gone
     #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = MOUNT_ARGS)]
     status: Option<PathBuf>,
+
+    /// Replace the process serving the dst mount at MOUNTPOINT with the dst-mount now
+    /// installed, without unmounting (what `systemctl reload` does); needs Linux 6.9
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = MOUNT_ARGS, conflicts_with = "status")]
+    upgrade: Option<PathBuf>,
 
     /// How --status prints: human, or prometheus (for node_exporter's textfile collector)
     #[arg(long, value_name = "FORMAT", requires = "status")]
@@ -203,6 +208,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(mountpoint) = &args.upgrade {
+        return match dst::keeper::upgrade::upgrade(mountpoint) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dst-mount: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -213,6 +230,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    // Before any thread exists: a worker takes its control socket from the environment.
+    let worker = dst::keeper::worker_control()?;
     let req = resolve(args.invocation()?, || {
         let path = dst::mount::fstab_path();
         std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
@@ -228,6 +247,10 @@ fn run(args: Args) -> Result<(), String> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         std::env::set_var("SMOL_THREADS", n.to_string());
     }
+    if let Some(control) = worker {
+        dst::worker::run(&req, cfg, control)
+    }
+    // The keeper only checks the keys and logs the settings; each worker loads them again.
     if req.options.foreground == Some(true) {
         dst::mount::run_foreground(&req, cfg)
     } else {

@@ -8,34 +8,20 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::requests::{
     clip_read, clip_write, fallocate_action, is_sync_write, stats_text, Allocate,
 };
 use super::tasks::TaskGuard;
-use super::{
-    DstFs, CONGESTION_THRESHOLD, DATA_INO, FH_WRITABLE, MAX_BACKGROUND, MAX_WRITE, ROOT_INO,
-    STATS_INO, STATS_NAME, TTL,
-};
+use super::{DstFs, DATA_INO, FH_WRITABLE, ROOT_INO, STATS_INO, STATS_NAME, TTL};
 
 impl Filesystem for DstFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if let Err(max) = config.set_max_write(MAX_WRITE) {
-            log::info!("kernel limits writes to {max} bytes");
-            let _ = config.set_max_write(max);
-        }
-        let _ = config.set_max_background(MAX_BACKGROUND);
-        let _ = config.set_congestion_threshold(CONGESTION_THRESHOLD);
-        // A loop device with direct I/O submits asynchronous requests; without ASYNC_DIO the
-        // kernel would turn each into a synchronous one and serialise the device.
-        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
-            log::warn!("kernel lacks FUSE_ASYNC_DIO: direct I/O runs one request at a time");
-        }
+        super::configure_kernel(config);
         Ok(())
     }
 
@@ -170,6 +156,7 @@ impl Filesystem for DstFs {
                 let text = Arc::new(stats_text(
                     &self.engine.stats().to_string(),
                     self.tasks.running(),
+                    &self.cfg.worker,
                 ));
                 self.stats.lock().unwrap().insert(fh, text);
                 // Direct I/O: reads reach us although the size says 0.

@@ -20,7 +20,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use fuser::{Config, FileAttr, FileType, INodeNo, MountOption, SessionACL};
+use fuser::{
+    Config, FileAttr, FileType, INodeNo, InitFlags, KernelConfig, MountOption, SessionACL,
+};
 
 use crate::client::engine::Engine;
 
@@ -64,6 +66,35 @@ pub struct FsConfig {
     /// Owner of every file: whoever mounted.
     pub uid: u32,
     pub gid: u32,
+    /// Who serves the mount, for `.stats`.
+    pub worker: WorkerInfo,
+}
+
+/// The keeper and worker serving a mount, as `.stats` shows them.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerInfo {
+    pub keeper_pid: u32,
+    pub worker_pid: u32,
+    /// Workers started after the first.
+    pub restarts: u32,
+    /// How the previous worker ended ("none" for the first).
+    pub last_exit: String,
+}
+
+/// What the filesystem asks of the kernel in FUSE_INIT. The keeper's answer at mount time
+/// and every worker's (to a synthesized INIT) must agree, so both call this.
+pub fn configure_kernel(config: &mut KernelConfig) {
+    if let Err(max) = config.set_max_write(MAX_WRITE) {
+        log::debug!("kernel limits writes to {max} bytes");
+        let _ = config.set_max_write(max);
+    }
+    let _ = config.set_max_background(MAX_BACKGROUND);
+    let _ = config.set_congestion_threshold(CONGESTION_THRESHOLD);
+    // A loop device with direct I/O submits asynchronous requests; without ASYNC_DIO the
+    // kernel would turn each into a synchronous one and serialise the device.
+    if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+        log::warn!("kernel lacks FUSE_ASYNC_DIO: direct I/O runs one request at a time");
+    }
 }
 
 /// Makes the kernel forget the data file's attributes, so that it asks for the grown size.

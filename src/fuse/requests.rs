@@ -2,6 +2,8 @@
 //! lies inside the export, whether a write must be durable (FUA), what an fallocate mode
 //! maps to (TRIM, WRITE_ZEROES, nothing, or a refusal), and the `.stats` text.
 
+use super::WorkerInfo;
+
 /// Bytes of a read at `offset` of `len` that lie inside a file of `size`.
 pub(super) fn clip_read(offset: u64, len: u32, size: u64) -> u32 {
     size.saturating_sub(offset).min(u64::from(len)) as u32
@@ -27,12 +29,19 @@ pub(super) fn is_sync_write(flags: i32) -> bool {
 }
 
 /// The `.stats` contents: the engine's `name value` lines, then this layer's.
-pub(super) fn stats_text(engine: &str, in_progress: usize) -> String {
+pub(super) fn stats_text(engine: &str, in_progress: usize, worker: &WorkerInfo) -> String {
     let mut text = engine.to_string();
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(&format!("fuse_in_progress {in_progress}\n"));
+    text.push_str(&format!(
+        "fuse_in_progress {in_progress}\nkeeper_pid {}\nworker_pid {}\n\
+         worker_restarts {}\nworker_last_exit {}\n",
+        worker.keeper_pid,
+        worker.worker_pid,
+        worker.restarts,
+        worker.last_exit.replace('\n', " ")
+    ));
     text
 }
 
@@ -161,10 +170,21 @@ mod tests {
 
     #[test]
     fn stats_text_appends_this_layers_lines() {
+        let w = WorkerInfo {
+            keeper_pid: 10,
+            worker_pid: 11,
+            restarts: 2,
+            last_exit: "killed by signal 9 (SIGKILL)".into(),
+        };
+        let tail = "keeper_pid 10\nworker_pid 11\nworker_restarts 2\n\
+                    worker_last_exit killed by signal 9 (SIGKILL)\n";
         assert_eq!(
-            stats_text("a 1\nb 2\n", 3),
-            "a 1\nb 2\nfuse_in_progress 3\n"
+            stats_text("a 1\nb 2\n", 3, &w),
+            format!("a 1\nb 2\nfuse_in_progress 3\n{tail}")
         );
-        assert_eq!(stats_text("a 1", 0), "a 1\nfuse_in_progress 0\n");
+        assert_eq!(
+            stats_text("a 1", 0, &w),
+            format!("a 1\nfuse_in_progress 0\n{tail}")
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The tasks answering FUSE requests, counted so that shutdown can stop taking new ones
-//! (their requests fail with EIO) and wait for the last reply.
+//! (their requests fail with EIO) and wait for the last reply, and so that a worker
+//! draining for an upgrade can leave new ones unanswered for the next worker.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use event_listener::Event;
 pub struct Tasks {
     running: AtomicUsize,
     stopping: AtomicBool,
+    draining: AtomicBool,
     idle: Event,
 }
 
@@ -33,15 +35,36 @@ impl Tasks {
         // count; with SeqCst on all four, either `stop` sees this task or it sees `stopping`.
         self.running.fetch_add(1, Ordering::SeqCst);
         let guard = TaskGuard(self.clone());
+        if self.draining.load(Ordering::SeqCst) {
+            drop(guard);
+            // The request is neither executed nor answered: the FUSE thread stops here, so
+            // nothing more is read, and the kernel resends the request to the next worker.
+            // Its reply object lives on this stack until the process exits, so it never
+            // sends fuser's default EIO.
+            loop {
+                std::thread::park();
+            }
+        }
         if self.stopping.load(Ordering::SeqCst) {
             return None;
         }
         Some(guard)
     }
 
+    /// Leaves new requests unanswered (the thread that would start one stops for good)
+    /// and waits for the running ones: an upgrade's drain.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.idle().await
+    }
+
     /// Refuses new tasks (their requests fail with EIO) and waits for the running ones.
     pub async fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.idle().await
+    }
+
+    async fn idle(&self) {
         loop {
             let listener = self.idle.listen();
             if self.running.load(Ordering::SeqCst) == 0 {
@@ -76,6 +99,28 @@ mod tests {
         assert!(tasks.enter().is_none(), "a task started during shutdown");
         drop(b);
         stopper.join().unwrap();
+        assert_eq!(tasks.running(), 0);
+    }
+
+    #[test]
+    fn drain_waits_for_running_tasks_and_holds_new_ones_unanswered() {
+        let tasks = Arc::new(Tasks::default());
+        let a = tasks.enter().unwrap();
+        let drainer = {
+            let tasks = tasks.clone();
+            std::thread::spawn(move || smol::block_on(tasks.drain()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let late = {
+            let tasks = tasks.clone();
+            std::thread::spawn(move || tasks.enter().is_some())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!late.is_finished(), "a request started while draining");
+        assert!(!drainer.is_finished(), "drain returned with a task running");
+        drop(a);
+        drainer.join().unwrap();
+        assert!(!late.is_finished(), "the held request went on");
         assert_eq!(tasks.running(), 0);
     }
 }

@@ -10,6 +10,7 @@ pub mod workload;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,42 @@ pub fn skip(why: &str) {
 
 /// What the server's line about a closed connection holds.
 const CLOSED: &[&str] = &[": connection ", " closed: "];
+
+/// A datagram socket at `path` that listens as systemd's `NOTIFY_SOCKET` does; reads wait
+/// 20 s at most.
+pub fn notify_socket(path: &Path) -> UnixDatagram {
+    let socket = UnixDatagram::bind(path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    socket
+}
+
+/// The next notification, as its `KEY=VALUE` lines.
+fn next_notice(socket: &UnixDatagram) -> Vec<String> {
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .expect("the service manager was notified in time");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits for a notification that has `line`, skipping status updates.
+pub fn expect(socket: &UnixDatagram, line: &str) -> Vec<String> {
+    loop {
+        let got = next_notice(socket);
+        if got.iter().any(|l| l == line) {
+            return got;
+        }
+        assert!(
+            got.iter().all(|l| l.starts_with("STATUS=")),
+            "expected {line}, got {got:?}"
+        );
+    }
+}
 
 /// A directory with a server key pair, a client key pair and an authorized_keys file.
 pub struct Setup {

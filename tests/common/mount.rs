@@ -126,18 +126,22 @@ impl DstMount {
 
     /// Mounts export `disk` from `addr` (a server, or a proxy in front of one).
     pub fn start_at(s: &Setup, addr: SocketAddr, dir: &Path, extra: &[&str]) -> DstMount {
-        let mut m = Self::spawn_at(s, addr, dir, extra);
+        Self::spawn_at(s, addr, dir, extra).ready()
+    }
+
+    /// Waits until the dst-mount spawned is mounted.
+    pub fn ready(mut self) -> DstMount {
         wait_until("the mount", Duration::from_secs(20), || {
-            m.log().contains("mounted ") || !m.running()
+            self.log().contains("mounted ") || !self.running()
         });
-        assert!(m.running(), "dst-mount exited:\n{}", m.log());
+        assert!(self.running(), "dst-mount exited:\n{}", self.log());
         assert_eq!(
-            mounted_type(dir).as_deref(),
+            mounted_type(&self.dir).as_deref(),
             Some("fuse.dst"),
             "{}",
-            m.log()
+            self.log()
         );
-        m
+        self
     }
 
     pub fn spawn(s: &Setup, server: &ServerProcess, dir: &Path, extra: &[&str]) -> DstMount {
@@ -156,8 +160,27 @@ impl DstMount {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> DstMount {
+        Self::spawn_program(
+            Path::new(env!("CARGO_BIN_EXE_dst-mount")),
+            s,
+            addr,
+            dir,
+            extra,
+            env,
+        )
+    }
+
+    /// As [`spawn_with_env`](Self::spawn_with_env), running the dst-mount at `program`.
+    pub fn spawn_program(
+        program: &Path,
+        s: &Setup,
+        addr: SocketAddr,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> DstMount {
         fs::create_dir_all(dir).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dst-mount"))
+        let mut child = Command::new(program)
             .arg("--foreground")
             .arg("--key")
             .arg(s.path("client.key"))
