@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cipher::Cipher;
+use crate::client::core;
 use crate::client::engine::{Engine, EngineConfig};
 use crate::client::ClientConfig;
 use crate::fuse::{self, Tasks};
@@ -35,10 +36,9 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// How long a transaction waits at most before it fails with EIO when nothing answers:
-    /// the first send and every resend each wait a resend timeout.
+    /// How long a transaction waits at most before it fails with EIO when nothing answers.
     pub fn give_up_after(&self) -> Duration {
-        self.resend_timeout * (self.resend_count + 1)
+        core::give_up_after(self.resend_timeout, self.resend_count)
     }
 }
 
@@ -120,12 +120,7 @@ fn resend_summary(cfg: &EngineConfig, fail_fast: bool) -> String {
 
 /// How long a transaction waits at most for an answer under `cfg`.
 fn give_up_after(cfg: &EngineConfig) -> Duration {
-    Profile {
-        resend_timeout: cfg.resend_timeout,
-        resend_count: cfg.resend_count,
-        ping_interval: cfg.ping_interval,
-    }
-    .give_up_after()
+    core::give_up_after(cfg.resend_timeout, cfg.resend_count)
 }
 
 /// Loads the keys a request names; the messages say which option to fix.

@@ -36,10 +36,15 @@ pub struct CoreConfig {
     pub window: Window,
 }
 
+/// How long a transaction waits in all before it fails with EIO when nothing answers: the
+/// first send and every resend each wait a resend timeout.
+pub fn give_up_after(resend_timeout: Duration, resend_count: u32) -> Duration {
+    resend_timeout * (resend_count + 1)
+}
+
 impl CoreConfig {
-    /// How long a transaction waits in all before it fails.
     fn resend_budget(&self) -> Duration {
-        self.resend_timeout * (self.resend_count + 1)
+        give_up_after(self.resend_timeout, self.resend_count)
     }
 }
 
