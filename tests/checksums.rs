@@ -598,15 +598,23 @@ fn a_table_for_another_image_is_refused_with_the_fix() {
     let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
     assert_eq!(code, 0, "{out}");
 
-    // The same file, grown.
-    f.set_len(65 * MIB).unwrap();
+    // The same file, shrunk: refused; grown while the server was stopped: the table grows.
+    f.set_len(63 * MIB).unwrap();
     let err = refused_start(&s);
     assert!(err.contains("describes an image of"), "{err}");
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
-    assert_eq!(code, 0, "{out}");
-    let server = s.server(&["--export", "disk=disk.img:checksums"]);
+    f.set_len(65 * MIB).unwrap();
+    let mut server = s.server(&["--export", "disk=disk.img:checksums"]);
+    server.wait_for_log("grew from 67108864 to 68157440 bytes while the server was stopped");
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
-    block_on(async { assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]) });
+    block_on(async {
+        assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]);
+        c.write(65 * MIB - 4096, &pattern(4096, 3), false)
+            .await
+            .unwrap();
+    });
+    server.stop(libc::SIGTERM);
+    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    assert_eq!((code, count(&out, "corrupt")), (0, 0), "{out}");
 }
 
 /// `:checksums=TABLE` keeps the table in TABLE instead of beside the image; the server and

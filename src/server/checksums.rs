@@ -254,6 +254,31 @@ impl Layout {
         block >> self.region_shift
     }
 
+    /// What growing the image to `size` bytes takes, or `None` if it is not larger. The
+    /// regions may become coarser (so they stay at most [`MAX_REGIONS`]), never finer; the
+    /// dirty bits are not carried over, so a table grows only with all of them clear.
+    pub fn grow_to(&self, size: u64) -> Option<Growth> {
+        if size <= self.image_size {
+            return None;
+        }
+        let fresh = Layout::for_image(size);
+        let layout = Layout {
+            region_shift: fresh.region_shift.max(self.region_shift),
+            image_id: self.image_id,
+            ..fresh
+        };
+        Some(Growth {
+            layout,
+            short_tail: (!self.image_size.is_multiple_of(BLOCK_SIZE)).then(|| self.blocks - 1),
+            new_blocks: self.blocks..layout.blocks,
+        })
+    }
+
+    #[cfg(test)]
+    fn with_id(self, image_id: u64) -> Layout {
+        Layout { image_id, ..self }
+    }
+
     /// Length of the table file.
     pub fn file_len(&self) -> u64 {
         (ENTRIES_AT + self.blocks * 8).next_multiple_of(PAGE)
@@ -306,6 +331,17 @@ impl Layout {
         }
         Ok(layout)
     }
+}
+
+/// What growing a table takes (see [`Layout::grow_to`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Growth {
+    pub layout: Layout,
+    /// The old last block, when it was short: its entry describes fewer bytes than the
+    /// block holds now.
+    pub short_tail: Option<u64>,
+    /// Blocks that did not exist before; their entries start as zeros, [`UNVERIFIED`].
+    pub new_blocks: std::ops::Range<u64>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -601,13 +637,46 @@ pub struct ChecksumStats {
     pub first_corrupt: Vec<u64>,
 }
 
+/// The table as mapped for one layout; replaced whole when the table grows.
+struct Mapped {
+    layout: Layout,
+    map: Arc<MmapRaw>,
+    tracker: Tracker<HeaderBits>,
+}
+
+impl Mapped {
+    /// Maps `file`, a table of `layout`, whose dirty bits are all clear.
+    fn new(file: &File, layout: Layout) -> io::Result<Mapped> {
+        let map = Arc::new(
+            memmap2::MmapOptions::new()
+                .len(layout.file_len() as usize)
+                .map_raw(file)?,
+        );
+        Ok(Mapped {
+            layout,
+            tracker: Tracker::new(HeaderBits(map.clone()), layout.regions()),
+            map,
+        })
+    }
+
+    fn entry(&self, block: u64) -> u64 {
+        u64::from_le(
+            atomic_u64(&self.map, ENTRIES_AT as usize + block as usize * 8).load(Ordering::Relaxed),
+        )
+    }
+
+    fn set_entry(&self, block: u64, value: u64) {
+        atomic_u64(&self.map, ENTRIES_AT as usize + block as usize * 8)
+            .store(value.to_le(), Ordering::Relaxed);
+    }
+}
+
 struct Inner {
     name: String,
     path: PathBuf,
     image: File,
-    layout: Layout,
-    map: Arc<MmapRaw>,
-    tracker: Tracker<HeaderBits>,
+    /// Read-locked by every read, change, checkpoint and scan; write-locked to grow.
+    mapped: RwLock<Mapped>,
     stripes: Stripes,
     /// Entries changed since the last checkpoint's msync.
     entries_changed: AtomicBool,
@@ -616,8 +685,8 @@ struct Inner {
     /// unverified.
     was_unclean: bool,
     recovered: u64,
-    /// Holds the table's flock.
-    _file: File,
+    /// The table file; holds its flock.
+    file: File,
 }
 
 /// An open checksum table, with the image it describes.
@@ -631,7 +700,7 @@ impl std::fmt::Debug for ChecksumTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChecksumTable")
             .field("path", &self.inner.path)
-            .field("layout", &self.inner.layout)
+            .field("layout", &self.inner.state().layout)
             .finish()
     }
 }
@@ -771,7 +840,7 @@ impl ChecksumTable {
                 path.display(),
             ));
         }
-        if layout.image_size != size {
+        if layout.image_size > size {
             return Err(format!(
                 "export '{name}': checksum table {} describes an image of {} bytes, but {} has {size}; {repair}",
                 path.display(),
@@ -787,31 +856,34 @@ impl ChecksumTable {
                 layout.file_len()
             ));
         }
-        let map = Arc::new(
-            memmap2::MmapOptions::new()
-                .len(layout.file_len() as usize)
-                .map_raw(&file)
-                .map_err(ctx)?,
-        );
-        let bits = HeaderBits(map.clone());
+        let mapped = Mapped::new(&file, layout).map_err(ctx)?;
+        let bits = &mapped.tracker.bits;
         let was_unclean = !bits.is_clean() || (0..layout.regions()).any(|r| bits.is_set(r));
         let mut inner = Inner {
             name: name.into(),
             path: path.clone(),
             image,
-            layout,
-            map,
-            tracker: Tracker::new(bits, layout.regions()),
+            mapped: RwLock::new(mapped),
             stripes: Stripes::new(),
             entries_changed: AtomicBool::new(false),
             stats: Mutex::new(ChecksumStats::default()),
             was_unclean,
             recovered: 0,
-            _file: file,
+            file,
         };
         if was_unclean {
             inner.recovered = inner.recover().map_err(ctx)?;
         }
+        if size > layout.image_size {
+            log::info!(
+                "export '{name}': {} grew from {} to {size} bytes while the server was stopped; \
+                 growing its checksum table",
+                image_path.display(),
+                layout.image_size
+            );
+            inner.grow(size).map_err(ctx)?;
+        }
+        let layout = inner.state().layout;
         let inner = Arc::new(inner);
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let checkpointer = match checkpoint {
@@ -846,7 +918,13 @@ impl ChecksumTable {
     }
 
     pub fn layout(&self) -> Layout {
-        self.inner.layout
+        self.inner.state().layout
+    }
+
+    /// Grows the table to describe an image of `size` bytes, while it is in use; does
+    /// nothing if it describes that much already. Returns whether it grew.
+    pub fn grow(&self, size: u64) -> io::Result<bool> {
+        self.inner.grow(size)
     }
 
     /// Blocks that recovery marked unverified when the table was opened.
@@ -870,17 +948,19 @@ impl ChecksumTable {
             return Ok(Vec::new());
         }
         let (first, last) = block_range(offset, len as u64);
+        let m = t.state();
+        let size = m.layout.image_size;
         let _locks = t.stripes.read(first, last);
         let start = first * BLOCK_SIZE;
-        let end = block_span(last, t.layout.image_size).1;
+        let end = block_span(last, size).1;
         let mut buf = vec![0u8; (end - start) as usize];
         t.image.read_exact_at(&mut buf, start)?;
         let mut bad = false;
         for b in first..=last {
-            let (s, e) = block_span(b, t.layout.image_size);
+            let (s, e) = block_span(b, size);
             let data = &buf[(s - start) as usize..(e - start) as usize];
-            if verify(t.entry(b), data) == Verdict::Corrupt {
-                t.report_corrupt(b, "read");
+            if verify(m.entry(b), data) == Verdict::Corrupt {
+                t.report_corrupt(b, size, "read");
                 bad = true;
             }
         }
@@ -959,22 +1039,24 @@ impl ChecksumTable {
         let t = &*self.inner;
         // Adopted checksums must describe durable data, not a crashed writer's page cache.
         t.image.sync_data()?;
+        let m = t.state();
+        let layout = m.layout;
         let mut r = ScrubReport {
-            blocks: t.layout.blocks,
+            blocks: layout.blocks,
             was_unclean: t.was_unclean,
             ..Default::default()
         };
         let mut buf = Vec::new();
         let mut b = 0;
-        while b < t.layout.blocks {
-            let n = SCAN_BLOCKS.min(t.layout.blocks - b);
-            t.scan(b, n, &mut buf, |block, data| {
-                match verify(t.entry(block), data) {
+        while b < layout.blocks {
+            let n = SCAN_BLOCKS.min(layout.blocks - b);
+            t.scan(&m, b, n, &mut buf, |block, data| {
+                match verify(m.entry(block), data) {
                     Verdict::Ok => r.ok += 1,
                     Verdict::Zero => r.zero += 1,
                     Verdict::Unverified => {
                         r.unverified += 1;
-                        t.set_entry(block, entry_for(data));
+                        m.set_entry(block, entry_for(data));
                     }
                     Verdict::Corrupt => {
                         r.corrupt += 1;
@@ -985,9 +1067,9 @@ impl ChecksumTable {
                 }
             })?;
             b += n;
-            progress((b * BLOCK_SIZE).min(t.layout.image_size));
+            progress((b * BLOCK_SIZE).min(layout.image_size));
         }
-        t.map.flush()?;
+        m.map.flush()?;
         Ok(r)
     }
 }
@@ -1015,7 +1097,7 @@ fn checkpoint_loop(table: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, every:
             }
         }
         let Some(t) = table.upgrade() else { return };
-        if t.tracker.any_dirty() {
+        if t.state().tracker.any_dirty() {
             let started = Instant::now();
             match t.checkpoint(Clear::Idle) {
                 Ok(_) => log::debug!(
@@ -1034,19 +1116,12 @@ fn checkpoint_loop(table: Weak<Inner>, stop: Arc<(Mutex<bool>, Condvar)>, every:
 }
 
 impl Inner {
-    fn entry(&self, block: u64) -> u64 {
-        u64::from_le(
-            atomic_u64(&self.map, ENTRIES_AT as usize + block as usize * 8).load(Ordering::Relaxed),
-        )
+    fn state(&self) -> RwLockReadGuard<'_, Mapped> {
+        self.mapped.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_entry(&self, block: u64, value: u64) {
-        atomic_u64(&self.map, ENTRIES_AT as usize + block as usize * 8)
-            .store(value.to_le(), Ordering::Relaxed);
-    }
-
-    fn report_corrupt(&self, block: u64, during: &str) {
-        let (s, e) = block_span(block, self.layout.image_size);
+    fn report_corrupt(&self, block: u64, size: u64, during: &str) {
+        let (s, e) = block_span(block, size);
         log::error!(
             "export '{}': block {block} (bytes {s}..{e} of the image) does not match its checksum \
              ({during} failed with EIO): the data was changed outside dst or the disk returned bad \
@@ -1072,7 +1147,8 @@ impl Inner {
         if len == 0 {
             return op();
         }
-        let size = self.layout.image_size;
+        let m = self.state();
+        let size = m.layout.image_size;
         let (first, last) = block_range(offset, len);
         let _locks = self.stripes.write(first, last);
         // Blocks changed in part get their new checksum from the old contents merged
@@ -1083,9 +1159,9 @@ impl Inner {
             let (s, e) = block_span(b, size);
             let mut block = vec![0u8; (e - s) as usize];
             self.image.read_exact_at(&mut block, s)?;
-            let new = match verify(self.entry(b), &block) {
+            let new = match verify(m.entry(b), &block) {
                 Verdict::Corrupt => {
-                    self.report_corrupt(b, "partial-block change");
+                    self.report_corrupt(b, size, "partial-block change");
                     self.stats
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -1107,15 +1183,15 @@ impl Inner {
             };
             edges.push((b, new));
         }
-        let (r0, r1) = (self.layout.region_of(first), self.layout.region_of(last));
-        let _change = self.tracker.begin(r0, r1)?;
+        let (r0, r1) = (m.layout.region_of(first), m.layout.region_of(last));
+        let _change = m.tracker.begin(r0, r1)?;
         let result = op();
         self.entries_changed.store(true, Ordering::Release);
         match result {
             // Some of it may have happened: claim nothing about any of it.
             Err(e) => {
                 for b in first..=last {
-                    self.set_entry(b, UNVERIFIED);
+                    m.set_entry(b, UNVERIFIED);
                 }
                 Err(e)
             }
@@ -1130,7 +1206,7 @@ impl Inner {
                         }
                         (None, None) => ZERO,
                     };
-                    self.set_entry(b, value);
+                    m.set_entry(b, value);
                 }
                 Ok(true)
             }
@@ -1138,11 +1214,15 @@ impl Inner {
     }
 
     fn checkpoint(&self, mode: Clear) -> io::Result<bool> {
-        self.tracker.checkpoint(mode, || {
+        self.checkpoint_in(&self.state(), mode)
+    }
+
+    fn checkpoint_in(&self, m: &Mapped, mode: Clear) -> io::Result<bool> {
+        m.tracker.checkpoint(mode, || {
             let changed = self.entries_changed.swap(false, Ordering::AcqRel);
             // The two syncs are independent; overlap them.
             std::thread::scope(|s| {
-                let entries = changed.then(|| s.spawn(|| self.map.flush()));
+                let entries = changed.then(|| s.spawn(|| m.map.flush()));
                 let data = self.image.sync_data();
                 let entries = entries.map_or(Ok(()), |h| h.join().unwrap_or_else(|_| Err(eio())));
                 if data.is_err() || entries.is_err() {
@@ -1156,17 +1236,19 @@ impl Inner {
     /// Calls `each(block, contents)` for `n` blocks from `first`.
     fn scan(
         &self,
+        m: &Mapped,
         first: u64,
         n: u64,
         buf: &mut Vec<u8>,
         mut each: impl FnMut(u64, &[u8]),
     ) -> io::Result<()> {
+        let size = m.layout.image_size;
         let start = first * BLOCK_SIZE;
-        let end = block_span(first + n - 1, self.layout.image_size).1;
+        let end = block_span(first + n - 1, size).1;
         buf.resize((end - start) as usize, 0);
         self.image.read_exact_at(buf, start)?;
         for b in first..first + n {
-            let (s, e) = block_span(b, self.layout.image_size);
+            let (s, e) = block_span(b, size);
             each(b, &buf[(s - start) as usize..(e - start) as usize]);
         }
         Ok(())
@@ -1176,30 +1258,29 @@ impl Inner {
     /// checksum were being changed; mark them unverified, make everything durable,
     /// then clear the bitmap. Returns the blocks marked. Safe to repeat if interrupted.
     fn recover(&self) -> io::Result<u64> {
-        let bits = &self.tracker.bits;
-        let dirty: Vec<u64> = (0..self.layout.regions())
-            .filter(|&r| bits.is_set(r))
-            .collect();
+        let m = self.state();
+        let (bits, layout) = (&m.tracker.bits, m.layout);
+        let dirty: Vec<u64> = (0..layout.regions()).filter(|&r| bits.is_set(r)).collect();
         log::warn!(
             "export '{}': the checksum table was not closed cleanly (server killed or machine \
              crashed); checking the {} regions of {} MiB written just before",
             self.name,
             dirty.len(),
-            self.layout.region_bytes() >> 20
+            layout.region_bytes() >> 20
         );
         let started = Instant::now();
-        let per = 1u64 << self.layout.region_shift;
+        let per = 1u64 << layout.region_shift;
         let mut marked = 0;
         let mut buf = Vec::new();
         for &r in &dirty {
-            let end = ((r + 1) * per).min(self.layout.blocks);
+            let end = ((r + 1) * per).min(layout.blocks);
             let mut b = r * per;
             while b < end {
                 let n = SCAN_BLOCKS.min(end - b);
-                self.scan(b, n, &mut buf, |block, data| {
-                    if verify(self.entry(block), data) == Verdict::Corrupt {
+                self.scan(&m, b, n, &mut buf, |block, data| {
+                    if verify(m.entry(block), data) == Verdict::Corrupt {
                         log::debug!("export '{}': block {block} marked unverified", self.name);
-                        self.set_entry(block, UNVERIFIED);
+                        m.set_entry(block, UNVERIFIED);
                         marked += 1;
                     }
                 })?;
@@ -1207,7 +1288,7 @@ impl Inner {
             }
         }
         self.image.sync_data()?;
-        self.map.flush()?;
+        m.map.flush()?;
         for r in dirty {
             bits.clear(r);
         }
@@ -1222,6 +1303,70 @@ impl Inner {
         );
         Ok(marked)
     }
+
+    /// Grows the table to an image of `size` bytes, with every reader and writer held off.
+    /// The durable steps keep one layout valid at every moment of a crash: the image's
+    /// new length is made durable; the old short last block's entry is made unverified
+    /// (true under both layouts); the file is lengthened (new entries read as zeros,
+    /// unverified); then the new header is written in one sector-sized write and synced.
+    /// Only then do entries claim anything about the new blocks: holes are known zero,
+    /// and the old last block gets the checksum of its whole contents. A table found
+    /// shorter than its image at open is grown the same way.
+    fn grow(&self, size: u64) -> io::Result<bool> {
+        let mut m = self.mapped.write().unwrap_or_else(|e| e.into_inner());
+        let Some(g) = m.layout.grow_to(size) else {
+            return Ok(false);
+        };
+        // With nothing in flight, this makes every change durable and clears every bit,
+        // so the bitmap means the same under the new region size.
+        if !self.checkpoint_in(&m, Clear::All)? {
+            return Err(io::Error::other(
+                "dirty regions could not be cleared before growing the table",
+            ));
+        }
+        self.image.sync_all()?;
+        let tail = match g.short_tail {
+            Some(b) => {
+                let (s, e) = block_span(b, m.layout.image_size);
+                let mut old = vec![0u8; (e - s) as usize];
+                self.image.read_exact_at(&mut old, s)?;
+                // A corrupt block keeps its entry, which fails the longer block too.
+                let known = matches!(verify(m.entry(b), &old), Verdict::Ok | Verdict::Zero);
+                if known {
+                    m.set_entry(b, UNVERIFIED);
+                    m.map.flush()?;
+                }
+                known.then_some(b)
+            }
+            None => None,
+        };
+        self.file.set_len(g.layout.file_len())?;
+        self.file.sync_all()?;
+        self.file.write_all_at(&g.layout.encode(), 0)?;
+        self.file.sync_data()?;
+        let old = m.layout;
+        *m = Mapped::new(&self.file, g.layout)?;
+        let zero = mark_holes(&self.image, size, g.new_blocks.clone(), |b| {
+            m.set_entry(b, ZERO)
+        });
+        if let Some(b) = tail {
+            let (s, e) = block_span(b, size);
+            let mut block = vec![0u8; (e - s) as usize];
+            self.image.read_exact_at(&mut block, s)?;
+            m.set_entry(b, entry_for(&block));
+        }
+        self.entries_changed.store(true, Ordering::Release);
+        log::info!(
+            "export '{}': checksum table grown from {} to {size} bytes: {} new blocks of 4 KiB \
+             ({zero} known zero, the rest unverified until written or scrubbed), dirty regions \
+             of {} MiB",
+            self.name,
+            old.image_size,
+            g.new_blocks.end - g.new_blocks.start,
+            g.layout.region_bytes() >> 20
+        );
+        Ok(true)
+    }
 }
 
 /// Takes the table's exclusive lock without waiting.
@@ -1234,11 +1379,12 @@ fn lock(file: &File) -> io::Result<()> {
     }
 }
 
-/// Data ranges of the image (SEEK_DATA/SEEK_HOLE); `None` where holes are not reported.
-fn data_ranges(image: &File, size: u64) -> Option<Vec<(u64, u64)>> {
+/// Data ranges of the image from `from` on (SEEK_DATA/SEEK_HOLE); `None` where holes
+/// are not reported.
+fn data_ranges(image: &File, from: u64, size: u64) -> Option<Vec<(u64, u64)>> {
     let fd = image.as_raw_fd();
     let mut ranges = Vec::new();
-    let mut pos = 0u64;
+    let mut pos = from;
     while pos < size {
         // SAFETY: lseek on a descriptor we own; reads use pread, so the offset is free.
         let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
@@ -1256,6 +1402,33 @@ fn data_ranges(image: &File, size: u64) -> Option<Vec<(u64, u64)>> {
         pos = hole as u64;
     }
     Some(ranges)
+}
+
+/// Calls `zero(b)` for every block of `blocks` that lies wholly in a hole of the image
+/// of `size` bytes; returns how many.
+fn mark_holes(
+    image: &File,
+    size: u64,
+    blocks: std::ops::Range<u64>,
+    mut zero: impl FnMut(u64),
+) -> u64 {
+    let from = blocks.start * BLOCK_SIZE;
+    let data = data_ranges(image, from, size).unwrap_or_else(|| vec![(from, size)]);
+    // Blocks before `next` are decided; those wholly inside a hole are zero.
+    let (mut next, mut marked) = (blocks.start, 0);
+    let mut zero_until = |to: u64, next: &mut u64| {
+        for b in *next..to {
+            zero(b);
+            marked += 1;
+        }
+        *next = (*next).max(to);
+    };
+    for (s, e) in data {
+        zero_until(s / BLOCK_SIZE, &mut next);
+        next = next.max(e.div_ceil(BLOCK_SIZE));
+    }
+    zero_until(blocks.end, &mut next);
+    marked
 }
 
 /// Builds the table of `image` at `path`, atomically (a temporary file renamed into
@@ -1318,21 +1491,7 @@ fn build(
                 progress(end);
             }
         } else {
-            let data = data_ranges(image, size).unwrap_or_else(|| vec![(0, size)]);
-            // Blocks before `next` are decided; those wholly inside a hole are zero.
-            let mut next = 0u64;
-            let mut zero_until = |to: u64, next: &mut u64| {
-                for b in *next..to {
-                    set(b, ZERO);
-                    r.zero += 1;
-                }
-                *next = (*next).max(to);
-            };
-            for (s, e) in data {
-                zero_until(s / BLOCK_SIZE, &mut next);
-                next = next.max(e.div_ceil(BLOCK_SIZE));
-            }
-            zero_until(layout.blocks, &mut next);
+            r.zero = mark_holes(image, size, 0..layout.blocks, |b| set(b, ZERO));
             r.unverified = layout.blocks - r.zero;
         }
         map.flush()?;
@@ -1448,6 +1607,40 @@ mod tests {
         };
         for l in [small, big, odd, with_id] {
             assert_eq!(Layout::decode(&l.encode()), Ok(l));
+        }
+    }
+
+    #[test]
+    fn growth_keeps_the_regions_bounded_and_only_coarsens_them() {
+        let small = Layout {
+            image_id: 7,
+            ..Layout::for_image(10_000)
+        };
+        assert_eq!(small.grow_to(10_000), None);
+        assert_eq!(small.grow_to(4096), None, "a shrink is no growth");
+        let g = small.grow_to(64 << 20).unwrap();
+        assert_eq!(g.layout.image_id, 7, "the same image");
+        assert_eq!(g.short_tail, Some(2), "10 000 bytes end inside block 2");
+        assert_eq!(g.new_blocks, 3..16384);
+        assert_eq!(g.layout.region_shift, small.region_shift);
+        // Whole blocks: no tail to redo.
+        let whole = Layout::for_image(64 << 20);
+        assert_eq!(whole.grow_to(65 << 20).unwrap().short_tail, None);
+        // A large growth needs coarser regions, never more than the bitmap holds.
+        let g = whole.grow_to(16 << 40).unwrap();
+        assert!(g.layout.regions() <= MAX_REGIONS);
+        assert!(g.layout.region_shift > whole.region_shift);
+        assert_eq!(g.layout, Layout::for_image(16 << 40));
+        // Regions never get finer than the table had, whatever the new size suggests.
+        let coarse = Layout {
+            region_shift: 20,
+            ..whole
+        };
+        assert_eq!(coarse.grow_to(128 << 20).unwrap().layout.region_shift, 20);
+        for size in [10_001, 12_289, 1 << 30, (1 << 40) + 1, 1 << 50] {
+            let g = small.grow_to(size).unwrap();
+            assert!(g.layout.regions() <= MAX_REGIONS, "{size}");
+            assert_eq!(Layout::decode(&g.layout.encode()), Ok(g.layout));
         }
     }
 
@@ -1699,8 +1892,8 @@ mod tests {
         let t = open().unwrap();
         assert!(!sidecar_path(&path).exists());
         // A fresh table: holes are zero, data blocks unverified.
-        assert_eq!(t.inner.entry(0), ZERO);
-        assert_eq!(t.inner.entry(2048), UNVERIFIED);
+        assert_eq!(t.inner.state().entry(0), ZERO);
+        assert_eq!(t.inner.state().entry(2048), UNVERIFIED);
         assert_eq!(t.read(8 << 20, 4096).unwrap(), vec![5u8; 4096]);
 
         let data = vec![9u8; 3 * 4096];
@@ -1710,7 +1903,7 @@ mod tests {
         write(&t, 4096, &data);
         write(&t, 100, &[1u8; 50]); // partial block 0, which was zero
         write(&t, 2048 * 4096, &[3u8; 10]); // partial on an unverified block stays unverified
-        assert_eq!(t.inner.entry(2048), UNVERIFIED);
+        assert_eq!(t.inner.state().entry(2048), UNVERIFIED);
         assert_eq!(t.read(4096, 3 * 4096).unwrap(), data);
         assert_eq!(t.read(90, 70).unwrap()[10..60], [1u8; 50]);
         // A byte changed behind the table's back fails reads of its block only.
@@ -1725,7 +1918,7 @@ mod tests {
         assert_eq!(t.stats().corrupt_blocks, 2);
         t.zero(4096, 4096, || Ok(true)).unwrap();
         img.write_all_at(&[0u8; 4096], 4096).unwrap();
-        assert_eq!(t.inner.entry(1), ZERO);
+        assert_eq!(t.inner.state().entry(1), ZERO);
         assert_eq!(t.read(4096, 4096).unwrap(), vec![0; 4096]);
 
         // "Crash": the table is dropped unsynced with region 0 dirty. Block 6 was
@@ -1772,5 +1965,65 @@ mod tests {
         assert!(t.read(20 << 20, 4096).is_ok());
         let report = t.scrub(&mut |_| {}).unwrap();
         assert_eq!((report.corrupt, report.unverified), (0, 0));
+    }
+
+    #[test]
+    fn a_table_grows_in_use_and_when_found_short_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = 3 * 4096 + 100; // the last block short
+        let (path, img) = image(dir.path(), &[(0, &[5u8; 3 * 4096 + 100])], old);
+        let table = dir.path().join("t.sum");
+        let open = || ChecksumTable::open("t", &path, &table, img.try_clone().unwrap(), None);
+        let t = open().unwrap();
+        let write = |t: &ChecksumTable, at: u64, d: &[u8]| {
+            t.write(at, d, || img.write_all_at(d, at)).unwrap()
+        };
+        write(&t, 0, &[1u8; 3 * 4096 + 100]);
+        write(&t, 4096, &[2u8; 10]); // dirty when the table grows
+        assert!(t.inner.state().tracker.any_dirty());
+        let tail = t.inner.state().entry(3);
+        assert_eq!(tail, block_sum(&[1u8; 100]));
+
+        img.set_len(40 << 20).unwrap();
+        assert!(t.grow(40 << 20).unwrap());
+        assert!(!t.grow(40 << 20).unwrap(), "once");
+        assert!(!t.grow(1 << 20).unwrap(), "never shrinks");
+        assert_eq!(
+            t.layout(),
+            Layout::for_image(40 << 20).with_id(t.layout().image_id)
+        );
+        let m = t.inner.state();
+        let mut whole = vec![0u8; 4096];
+        whole[..100].fill(1);
+        assert_eq!(m.entry(3), block_sum(&whole), "the old tail, checked whole");
+        assert_eq!(m.entry(4), ZERO, "a new hole is known zero");
+        assert_eq!(m.entry(10239), ZERO);
+        assert!(!m.tracker.any_dirty());
+        drop(m);
+        assert_eq!(t.read(3 * 4096, 4096).unwrap(), whole);
+        write(&t, 39 << 20, &[3u8; 4096]);
+        write(&t, (39 << 20) + 4096, &[4u8; 100]); // partial on a known zero: checked
+        assert_eq!(t.read((39 << 20) + 4096, 100).unwrap(), vec![4u8; 100]);
+        img.write_all_at(&[9], (39 << 20) + 4096 + 7).unwrap();
+        assert!(
+            t.read((39 << 20) + 4096, 100).is_err(),
+            "new blocks are verified"
+        );
+        img.write_all_at(&[4], (39 << 20) + 4096 + 7).unwrap();
+        t.sync().unwrap();
+        drop(t);
+
+        // Grown while the server was stopped: the table follows at open.
+        img.set_len(64 << 20).unwrap();
+        let t = open().unwrap();
+        assert_eq!(t.layout().image_size, 64 << 20);
+        assert_eq!(t.read(39 << 20, 4096).unwrap(), vec![3u8; 4096]);
+        let r = t.scrub(&mut |_| {}).unwrap();
+        assert_eq!((r.corrupt, r.blocks), (0, 16384), "{r:?}");
+        drop(t);
+        // A shrunk one is refused, and says how to mend it.
+        img.set_len(32 << 20).unwrap();
+        let err = open().unwrap_err();
+        assert!(err.contains("describes an image of"), "{err}");
     }
 }

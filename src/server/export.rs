@@ -4,8 +4,8 @@
 //! [`ChecksumTable`].
 //!
 //! An export may grow while the server runs ([`Export::check_size`]): the image file made
-//! longer, the block device enlarged. It never shrinks under its clients, and one with
-//! checksums keeps its size, since its table is laid out for the size it was made for.
+//! longer, the block device enlarged; its checksum table, if it has one, grows first. It
+//! never shrinks under its clients.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -238,12 +238,26 @@ impl Export {
             }
         };
         let current = self.size();
-        match resize(current, found, self.checksums.is_some()) {
+        match resize(current, found) {
             Resize::Same => {
                 self.refused.store(current, Ordering::Relaxed);
                 None
             }
             Resize::Grow => {
+                if let Some(t) = &self.checksums {
+                    if let Err(e) = t.grow(found) {
+                        if self.refused.swap(found, Ordering::Relaxed) != found {
+                            log::warn!(
+                                "export '{}': {} is now {found} bytes, but its checksum table \
+                                 could not grow ({e}); still serving {current} bytes, and \
+                                 trying again at the next look",
+                                self.name,
+                                self.path.display()
+                            );
+                        }
+                        return None;
+                    }
+                }
                 // A SIGHUP and the periodic look may race: one of them grows it.
                 self.size
                     .compare_exchange(current, found, Ordering::AcqRel, Ordering::Acquire)
@@ -467,19 +481,13 @@ pub enum Resize {
 }
 
 /// Decides what the size `found` on disk does to an export of `current` bytes; pure.
-pub fn resize(current: u64, found: u64, checksums: bool) -> Resize {
+pub fn resize(current: u64, found: u64) -> Resize {
     if found == current {
         Resize::Same
     } else if found < current {
         Resize::Refuse(
             "shrinking is refused, since clients may hold data past the new end; \
              restore the size, or stop the clients and restart the server",
-        )
-    } else if checksums {
-        Resize::Refuse(
-            "an export with checksums cannot grow while served, since its table is laid out \
-             for its size; stop the server, run `dst-server scrub --export NAME=PATH \
-             --repair-table`, and start it again",
         )
     } else {
         Resize::Grow
@@ -506,11 +514,9 @@ mod tests {
 
     #[test]
     fn exports_grow_but_never_shrink() {
-        assert_eq!(resize(4096, 4096, false), Resize::Same);
-        assert_eq!(resize(4096, 8192, false), Resize::Grow);
-        assert!(matches!(resize(8192, 4096, false), Resize::Refuse(w) if w.contains("shrink")));
-        assert!(matches!(resize(4096, 8192, true), Resize::Refuse(w) if w.contains("checksums")));
-        assert_eq!(resize(4096, 4096, true), Resize::Same);
+        assert_eq!(resize(4096, 4096), Resize::Same);
+        assert_eq!(resize(4096, 8192), Resize::Grow);
+        assert!(matches!(resize(8192, 4096), Resize::Refuse(w) if w.contains("shrink")));
     }
 
     #[test]
