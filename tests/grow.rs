@@ -131,30 +131,14 @@ fn grow_online(kind: Kind) {
             "dst-server exit: {status}\n{}",
             server.log()
         );
-        let out = scrub(&s, &export);
+        let (code, out) = s.scrub(&["--export", &export]);
+        assert_eq!(code, 0, "{out}");
         assert!(out.contains("corrupt     0"), "{out}");
         assert!(
             out.contains(&format!("{} blocks of 4 KiB checked", new / 4096)),
             "{out}"
         );
     }
-}
-
-/// `dst-server scrub --export EXPORT` in the setup's directory, which must succeed; its
-/// output.
-fn scrub(s: &Setup, export: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dst-server"))
-        .args(["scrub", "--export", export])
-        .current_dir(s.dir.path())
-        .output()
-        .expect("dst-server scrub runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "scrub: {}\n{text}", out.status);
-    text
 }
 
 /// Whether this process may resize an ext4 filesystem online: the kernel asks for
@@ -184,30 +168,28 @@ fn grow_ext4(dev: &str, dir: &Path) {
     run("mount", &[dev, dir]);
 }
 
-#[test]
-fn ext4_grows_online_after_sighup() {
-    require!("losetup", "truncate", "mkfs.ext4", "resize2fs", "e2fsck");
-    grow_online(Kind {
+/// ext4, told by SIGHUP, on an export with `suffix`.
+fn ext4(suffix: &'static str) -> Kind {
+    Kind {
         old_mib: 256,
         mkfs: &["mkfs.ext4", "-q", "-F"],
         grow: grow_ext4,
         fsck: &["e2fsck", "-f", "-n"],
         sighup: true,
-        suffix: "",
-    });
+        suffix,
+    }
+}
+
+#[test]
+fn ext4_grows_online_after_sighup() {
+    require!("losetup", "truncate", "mkfs.ext4", "resize2fs", "e2fsck");
+    grow_online(ext4(""));
 }
 
 #[test]
 fn ext4_with_checksums_grows_online_and_scrubs_clean() {
     require!("losetup", "truncate", "mkfs.ext4", "resize2fs", "e2fsck");
-    grow_online(Kind {
-        old_mib: 256,
-        mkfs: &["mkfs.ext4", "-q", "-F"],
-        grow: grow_ext4,
-        fsck: &["e2fsck", "-f", "-n"],
-        sighup: true,
-        suffix: ":checksums",
-    });
+    grow_online(ext4(":checksums"));
 }
 
 #[test]
