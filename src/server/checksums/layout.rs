@@ -1,13 +1,5 @@
-//! Where things are in a checksum table file, from the image's size, and what growing
-//! the image does to it; pure. The file is little-endian:
-//!
-//! - bytes 0..64 of page 0: magic `DSTSUM\0\0`, version, block size, image size, block
-//!   count, log2 of the blocks per region, entries offset, a hash identifying the image
-//!   file (0 for a block device), and an xxh3 of those;
-//! - byte 64: the clean flag (1 when the table was closed cleanly);
-//! - bytes 1024..2048: the dirty-region bitmap, one bit per region of at least 16 MiB
-//!   (at most [`MAX_REGIONS`] regions);
-//! - from byte 4096: one `u64` entry per block.
+//! Where things are in a checksum table file (the format is in [`super`]), from the
+//! image's size, and what growing the image does to it; pure.
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -150,7 +142,7 @@ pub struct Growth {
     /// The old last block, when it was short: its entry describes fewer bytes than the
     /// block holds now.
     pub short_tail: Option<u64>,
-    /// Blocks that did not exist before; their entries start as zeros, [`UNVERIFIED`].
+    /// Blocks that did not exist before; their entries start as zeros, [`UNVERIFIED`](super::UNVERIFIED).
     pub new_blocks: std::ops::Range<u64>,
 }
 

@@ -47,11 +47,20 @@
 //! are written, so hot regions cost nothing after the first write; a region is cleared
 //! once it has been idle for a whole checkpoint interval. A client FLUSH stays a plain
 //! `fdatasync`: checksums ride on the background checkpoint, never on the FLUSH path.
-//! Epochs ([`Tracker`]) make sure a checkpoint only clears what its `fdatasync` covered.
+//! Epochs (in `tracker`) make sure a checkpoint only clears what its `fdatasync` covered.
 //! On open, a table with dirty bits (or without the clean flag) is recovered: every block
 //! of the dirty regions is checked and those that disagree become unverified; then data
 //! and table are synced and the bits cleared. A clean shutdown checkpoints everything
 //! and sets the clean flag.
+//!
+//! # Growth
+//!
+//! When the image grows (online, or while the server was stopped), the table grows with
+//! it ([`Layout::grow_to`]): regions may get coarser, so the growth first checkpoints
+//! with every reader and writer held off, leaving no dirty bit to carry over. New
+//! entries read as zeros (unverified) until the new header is durable; then holes are
+//! marked known zero, and the old short last block gets the checksum of its whole
+//! contents. The order of the durable steps is in `durability`.
 
 mod build;
 mod durability;
