@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use dst::cipher::Cipher;
 use dst::server::advice;
 use dst::server::auth::AuthorizedKeys;
-use dst::server::backend::file::{FileBackend, OpenError};
+use dst::server::backend::file::FileBackend;
 use dst::server::backend::Backend;
 use dst::server::checksums::{self, Checksums};
 use dst::server::export::ExportSpec;
@@ -369,13 +369,8 @@ fn run_scrub(args: ScrubArgs) -> ExitCode {
     let spec = &args.export;
     let started = Instant::now();
     let opened = spec.checksum_table_path().and_then(|table| {
-        let image = FileBackend::open(&spec.path, true).map_err(|e| match e {
-            OpenError::NotFileOrDevice => format!(
-                "{} is neither a regular file nor a block device",
-                spec.path.display()
-            ),
-            OpenError::Io(e) => format!("{}: {e}", spec.path.display()),
-        })?;
+        let image = FileBackend::open(&spec.path, true)
+            .map_err(|e| format!("{}: {e}", spec.path.display()))?;
         Ok((table, image))
     });
     let (table, image) = match opened {

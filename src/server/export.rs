@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::advice;
-use super::backend::file::{FileBackend, OpenError};
+use super::backend::file::FileBackend;
 use super::backend::Backend;
 use super::checksums::{self, Checksums};
 use super::flush_group::FlushGroup;
@@ -154,14 +154,8 @@ impl Export {
                 spec.name
             );
         }
-        let file = FileBackend::open(path, spec.read_only).map_err(|e| match e {
-            OpenError::NotFileOrDevice => format!(
-                "export '{}': {} is neither a regular file nor a block device",
-                spec.name,
-                path.display()
-            ),
-            OpenError::Io(e) => ctx(e),
-        })?;
+        let file = FileBackend::open(path, spec.read_only)
+            .map_err(|e| format!("export '{}': {}: {e}", spec.name, path.display()))?;
         let block_size = file.block_size();
         let size = file.disk_size().map_err(ctx)?;
         let backend: Box<dyn Backend> = if spec.checksums {

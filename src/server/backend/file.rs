@@ -34,6 +34,15 @@ pub enum OpenError {
     Io(io::Error),
 }
 
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::NotFileOrDevice => f.write_str("neither a regular file nor a block device"),
+            OpenError::Io(e) => e.fmt(f),
+        }
+    }
+}
+
 impl From<io::Error> for OpenError {
     fn from(e: io::Error) -> Self {
         OpenError::Io(e)
