@@ -3,8 +3,9 @@
 //!
 //! - `engine`: through the client's transaction engine and a real `dst-server` on
 //!   127.0.0.1 (network stack, crypto and all), on a 1 GiB sparse image;
-//! - `export`: the export node's own cost, without network or crypto: `ChecksumTable`
-//!   reads and writes against plain `pread`/`pwrite` on the same kind of file.
+//! - `export`: the export node's own cost, without network or crypto: reads and writes
+//!   through the `Checksums` filter over a `FileBackend`, against plain `pread`/`pwrite`
+//!   on the same kind of file.
 //!
 //! Run with `cargo bench --bench checksums`; `cargo bench --bench checksums -- export` (or
 //! `engine`) runs one part. Images go to the system's temporary directory (`TMPDIR`).
@@ -18,8 +19,11 @@ use std::time::{Duration, Instant};
 
 use common::{pattern, Setup};
 use dst::client::engine::{Engine, EngineConfig};
+use dst::pool::Pool;
 use dst::protocol::Access;
-use dst::server::checksums::{self, ChecksumTable};
+use dst::server::backend::file::FileBackend;
+use dst::server::backend::Backend;
+use dst::server::checksums::{self, Checksums};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 1 << 30;
@@ -208,15 +212,16 @@ fn export_round(sums: bool, round: usize, results: &mut Results) {
         .unwrap();
     f.set_len(SIZE).unwrap();
     let table = sums.then(|| {
-        ChecksumTable::open(
+        Checksums::open(
             "bench",
-            &path,
+            Box::new(FileBackend::open(&path, false).unwrap()),
             &checksums::sidecar_path(&path),
-            f.try_clone().unwrap(),
             Some(Duration::from_secs(5)),
         )
         .unwrap()
     });
+    // As the server's: reads take their buffers from it, and give them back.
+    let pool = Pool::new(64 << 20);
     let mut time = |name: &'static str, ops: u64, len: u64, op: &dyn Fn(u64)| {
         let start = Instant::now();
         for i in 0..ops {
@@ -228,11 +233,11 @@ fn export_round(sums: bool, round: usize, results: &mut Results) {
     let small = pattern(4096, 2 + round as u64);
     let random = |i: u64| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) % (SIZE / 4096) * 4096;
     let write = |off: u64, data: &[u8]| match &table {
-        Some(t) => t.write(off, data, || f.write_all_at(data, off)).unwrap(),
+        Some(t) => t.write(off, data, false).unwrap(),
         None => f.write_all_at(data, off).unwrap(),
     };
     let read = |off: u64, len: usize| match &table {
-        Some(t) => drop(t.read(off, len as u32).unwrap()),
+        Some(t) => pool.put(t.read(off, len, &pool).unwrap()),
         None => {
             let mut buf = vec![0; len];
             f.read_exact_at(&mut buf, off).unwrap();

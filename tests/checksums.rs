@@ -11,7 +11,6 @@ mod common;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::mount::{wait_until, AlignedBuf, DstMount, Loop};
@@ -27,23 +26,6 @@ const REGION: u64 = 16 * MIB;
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     smol::block_on(f)
-}
-
-/// Runs `dst-server scrub` in the setup's directory; returns its exit code and output.
-fn scrub(s: &Setup, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dst-server"))
-        .arg("scrub")
-        .args(args)
-        .current_dir(s.dir.path())
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("dst-server scrub runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().expect("scrub exited"), text)
 }
 
 /// The number after `label` in a scrub summary.
@@ -114,7 +96,7 @@ fn a_flipped_byte_fails_reads_of_its_block_and_scrub_reports_it() {
     });
     server.wait_for_log("block 3 (bytes 12288..16384 of the image) does not match its checksum");
 
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 2, "scrub must refuse while the server runs:\n{out}");
     assert!(out.contains("in use"), "{out}");
 
@@ -127,7 +109,7 @@ fn a_flipped_byte_fails_reads_of_its_block_and_scrub_reports_it() {
         "{}",
         server.log()
     );
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(count(&out, "corrupt"), 1, "{out}");
     assert!(out.contains("(blocks 3)"), "{out}");
@@ -242,7 +224,7 @@ fn a_flipped_byte_fails_reads_through_the_fuse_file_and_a_loop_device() {
     ));
     assert!(server.stop(libc::SIGTERM).success());
 
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(count(&out, "corrupt"), 1, "{out}");
     assert!(out.contains(&format!("(blocks {bad})")), "{out}");
@@ -281,7 +263,7 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
     server.stop(libc::SIGKILL);
 
     // The table was left dirty: scrub recovers it and finds nothing corrupt.
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("not closed cleanly"), "{out}");
     assert_eq!(count(&out, "corrupt"), 0, "{out}");
@@ -298,7 +280,7 @@ fn kill_9_mid_workload_then_restart_reports_no_false_corruption() {
     assert!(!server.log().contains("does not match"), "{}", server.log());
     assert!(server.log().contains("closed cleanly"), "{}", server.log());
 
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("not closed cleanly"), "{out}");
     assert_eq!(count(&out, "corrupt"), 0, "{out}");
@@ -409,7 +391,7 @@ fn trimmed_and_zeroed_blocks_read_as_zeros_and_verify() {
     });
     drop(c);
     server.stop(libc::SIGTERM);
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 0, "{out}");
     // Trimmed: 256 blocks; zeroed whole: block 257 (bytes 1052672..1056768 lie in 1049576..1058576).
     let never_written = 64 * MIB / BLOCK - 512;
@@ -427,7 +409,7 @@ fn trimmed_and_zeroed_blocks_read_as_zeros_and_verify() {
     });
     drop(c);
     drop(server);
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("(blocks 5)"), "{out}");
 }
@@ -452,13 +434,13 @@ fn repair_table_accepts_a_legitimate_out_of_band_change() {
 
     // An administrator restores two blocks from a backup, outside dst.
     img_write(&img, 10 * BLOCK, &pattern(2 * BLOCK as usize, 9));
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!((code, count(&out, "corrupt")), (1, 2), "{out}");
 
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img", "--repair-table"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("rebuilt checksum table"), "{out}");
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         (count(&out, "corrupt"), count(&out, "ok")),
@@ -508,20 +490,28 @@ fn a_table_for_another_image_is_refused_with_the_fix() {
     let err = refused_start(&s);
     assert!(err.contains("replaced or copied"), "{err}");
     assert!(err.contains("--repair-table"), "{err}");
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 2, "{out}");
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img", "--repair-table"]);
     assert_eq!(code, 0, "{out}");
 
-    // The same file, grown.
-    f.set_len(65 * MIB).unwrap();
+    // The same file, shrunk: refused; grown while the server was stopped: the table grows.
+    f.set_len(63 * MIB).unwrap();
     let err = refused_start(&s);
     assert!(err.contains("describes an image of"), "{err}");
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img", "--repair-table"]);
-    assert_eq!(code, 0, "{out}");
-    let server = s.server(&["--export", "disk=disk.img:checksums"]);
+    f.set_len(65 * MIB).unwrap();
+    let mut server = s.server(&["--export", "disk=disk.img:checksums"]);
+    server.wait_for_log("grew from 67108864 to 68157440 bytes while the server was stopped");
     let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
-    block_on(async { assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]) });
+    block_on(async {
+        assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]);
+        c.write(65 * MIB - 4096, &pattern(4096, 3), false)
+            .await
+            .unwrap();
+    });
+    server.stop(libc::SIGTERM);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
+    assert_eq!((code, count(&out, "corrupt")), (0, 0), "{out}");
 }
 
 /// `:checksums=TABLE` keeps the table in TABLE instead of beside the image; the server and
@@ -548,21 +538,21 @@ fn a_table_placed_elsewhere_is_used_by_the_server_and_scrub() {
             pattern(MIB as usize, 1)[8 * BLOCK as usize..9 * BLOCK as usize]
         );
     });
-    let (code, out) = scrub(&s, &["--export", export]);
+    let (code, out) = s.scrub(&["--export", export]);
     assert_eq!(code, 2, "in use by the server:\n{out}");
     assert!(out.contains("sums/disk.sum is in use"), "{out}");
     drop(c);
     server.stop(libc::SIGTERM);
 
-    let (code, out) = scrub(&s, &["--export", export]);
+    let (code, out) = s.scrub(&["--export", export]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("(blocks 7)"), "{out}");
     assert_whole_image(&out);
-    let (code, out) = scrub(&s, &["--export", "disk=disk.img"]);
+    let (code, out) = s.scrub(&["--export", "disk=disk.img"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("disk.img.dst-sum is missing"), "{out}");
     assert!(out.contains(":checksums=TABLE"), "{out}");
-    let (code, out) = scrub(&s, &["--export", export, "--repair-table"]);
+    let (code, out) = s.scrub(&["--export", export, "--repair-table"]);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("rebuilt checksum table sums/disk.sum"),
@@ -598,7 +588,7 @@ fn a_block_device_export_keeps_its_table_where_it_is_told() {
         "{err}"
     );
     assert!(!Path::new(&format!("{dev}.dst-sum")).exists());
-    let (code, out) = scrub(&s, &["--export", &format!("disk={dev}")]);
+    let (code, out) = s.scrub(&["--export", &format!("disk={dev}")]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("is a block device"), "{out}");
 
@@ -624,7 +614,7 @@ fn a_block_device_export_keeps_its_table_where_it_is_told() {
     server.stop(libc::SIGTERM);
     assert!(!Path::new(&format!("{dev}.dst-sum")).exists());
 
-    let (code, out) = scrub(&s, &["--export", &export]);
+    let (code, out) = s.scrub(&["--export", &export]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("(blocks {bad})")), "{out}");
     assert_eq!(count(&out, "ok"), 255, "{out}");
@@ -632,7 +622,7 @@ fn a_block_device_export_keeps_its_table_where_it_is_told() {
     // device has no holes to find): they start unverified, and this scrub recorded them.
     assert_eq!(count(&out, "unverified"), 64 * MIB / BLOCK - 256, "{out}");
     assert_whole_image(&out);
-    let (code, out) = scrub(&s, &["--export", &export]);
+    let (code, out) = s.scrub(&["--export", &export]);
     assert_eq!((code, count(&out, "unverified")), (1, 0), "{out}");
     assert_eq!(count(&out, "zero"), 64 * MIB / BLOCK - 256, "{out}");
     drop(lo);

@@ -1,7 +1,9 @@
 //! Growing an export online, as root with /dev/fuse and loop devices: the server's image
 //! made larger under a mounted ext4, xfs or btrfs (SIGHUP, or the server's own periodic look), the
 //! FUSE file following, the loop device and the filesystem grown in place, data written past
-//! the old end and found again after a remount; and a shrink refused. Without root or the
+//! the old end and found again after a remount; the same with a checksum table, which grows
+//! with the image and verifies clean afterwards; an export that is itself a loop device,
+//! grown; and a shrink refused. Without root or the
 //! tools, a test says why and passes without running. And on the wire, without root: a
 //! client that announced RESIZE is told, an older one is not, and both go on working.
 //!
@@ -45,6 +47,8 @@ struct Kind {
     fsck: &'static [&'static str],
     /// Whether the server is sent SIGHUP, or left to find the new size on its own.
     sighup: bool,
+    /// What follows `disk=disk.img` in the export's spec, e.g. `:checksums`.
+    suffix: &'static str,
 }
 
 /// A filesystem on a loop device on the dst file, filled; the image grown to 640 MiB; the FUSE file, the loop device and the filesystem follow, online; a file larger
@@ -53,7 +57,8 @@ fn grow_online(kind: Kind) {
     let (old, new) = (kind.old_mib * MIB, 640 * MIB);
     let s = Setup::new();
     let size = format!("{}M", kind.old_mib);
-    let server = s.server(&["--export", "disk=disk.img", "--create-size", &size]);
+    let export = format!("disk=disk.img{}", kind.suffix);
+    let mut server = s.server(&["--export", &export, "--create-size", &size]);
     let before: Vec<(String, usize, u64)> = (0..4)
         .map(|i| (format!("before{i}"), (3 * MIB + i * 4099) as usize, i))
         .collect();
@@ -105,13 +110,35 @@ fn grow_online(kind: Kind) {
         let status = m.unmount();
         assert!(status.success(), "dst-mount exit: {status}\n{}", m.log());
     }
-    // A new mount starts at the new size, with everything there.
-    let m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
-    assert_eq!(fs::metadata(m.file()).unwrap().len(), new);
-    let lo = Loop::attach(&m.file(), &["--direct-io=on"]);
-    let fsm = FsMount::mount(&lo.dev, &s.path("fs"), "rw");
-    check_files(&fsm.dir, &before);
-    check_files(&fsm.dir, &after);
+    {
+        // A new mount starts at the new size, with everything there.
+        let m = DstMount::start(&s, &server, &s.path("mnt"), &[]);
+        assert_eq!(fs::metadata(m.file()).unwrap().len(), new);
+        let lo = Loop::attach(&m.file(), &["--direct-io=on"]);
+        let fsm = FsMount::mount(&lo.dev, &s.path("fs"), "rw");
+        check_files(&fsm.dir, &before);
+        check_files(&fsm.dir, &after);
+    }
+    if kind.suffix.contains(":checksums") {
+        assert!(
+            !server.log().contains("does not match its checksum"),
+            "{}",
+            server.log()
+        );
+        let status = server.stop(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "dst-server exit: {status}\n{}",
+            server.log()
+        );
+        let (code, out) = s.scrub(&["--export", &export]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("corrupt     0"), "{out}");
+        assert!(
+            out.contains(&format!("{} blocks of 4 KiB checked", new / 4096)),
+            "{out}"
+        );
+    }
 }
 
 /// Whether this process may resize an ext4 filesystem online: the kernel asks for
@@ -141,16 +168,28 @@ fn grow_ext4(dev: &str, dir: &Path) {
     run("mount", &[dev, dir]);
 }
 
-#[test]
-fn ext4_grows_online_after_sighup() {
-    require!("losetup", "truncate", "mkfs.ext4", "resize2fs", "e2fsck");
-    grow_online(Kind {
+/// ext4, told by SIGHUP, on an export with `suffix`.
+fn ext4(suffix: &'static str) -> Kind {
+    Kind {
         old_mib: 256,
         mkfs: &["mkfs.ext4", "-q", "-F"],
         grow: grow_ext4,
         fsck: &["e2fsck", "-f", "-n"],
         sighup: true,
-    });
+        suffix,
+    }
+}
+
+#[test]
+fn ext4_grows_online_after_sighup() {
+    require!("losetup", "truncate", "mkfs.ext4", "resize2fs", "e2fsck");
+    grow_online(ext4(""));
+}
+
+#[test]
+fn ext4_with_checksums_grows_online_and_scrubs_clean() {
+    require!("losetup", "truncate", "mkfs.ext4", "resize2fs", "e2fsck");
+    grow_online(ext4(":checksums"));
 }
 
 #[test]
@@ -168,6 +207,7 @@ fn xfs_grows_online_when_the_server_looks() {
         grow: |_, dir| drop(run("xfs_growfs", &[dir.to_str().unwrap()])),
         fsck: &["xfs_repair", "-n"],
         sighup: false,
+        suffix: "",
     });
 }
 
@@ -185,6 +225,7 @@ fn btrfs_grows_online_after_sighup() {
         },
         fsck: &["btrfs", "check", "--readonly"],
         sighup: true,
+        suffix: "",
     });
 }
 
@@ -268,4 +309,41 @@ fn connected_clients_that_take_resize_are_told() {
         "an older client is sent no RESIZE"
     );
     assert_eq!(connect(&cfg).info().size, 48 * MIB);
+}
+
+/// An export that is a block device (a loop device over a file), plain and with its
+/// checksum table elsewhere: the backing file grown and `losetup -c` run, the server told
+/// by SIGHUP; a connected client follows and data past the old end reads back.
+#[test]
+fn a_block_device_export_grows() {
+    require!("losetup", "truncate");
+    for suffix in ["", ":checksums=disk.sum"] {
+        let s = Setup::new();
+        let back = s.path("back.img");
+        fs::File::create(&back)
+            .unwrap()
+            .set_len(16 * MIB + 512)
+            .unwrap();
+        let lo = Loop::attach(&back, &[]);
+        let export = format!("disk={}{suffix}", lo.dev);
+        let server = s.server(&["--export", &export]);
+        let mut c = connect(&s.client(&server, "disk", Access::ReadWrite));
+        let (early, late) = (pattern(4096, 1), pattern(8192, 2));
+        smol::block_on(c.write(16 * MIB - 4096, &early, false)).unwrap();
+        assert_eq!(c.info().size, 16 * MIB + 512);
+
+        run("truncate", &["-s", "48M", back.to_str().unwrap()]);
+        run("losetup", &["-c", &lo.dev]);
+        kill(server.pid(), libc::SIGHUP);
+        server.wait_for_log("SIGHUP: looked at the exports' sizes (1 grew)");
+        smol::block_on(async {
+            c.write(40 * MIB, &late, true).await.unwrap();
+            assert_eq!(c.read(40 * MIB, 8192).await.unwrap(), late, "{suffix}");
+            assert_eq!(c.read(16 * MIB - 4096, 4096).await.unwrap(), early);
+            // The old short last sector's block, whole now.
+            assert_eq!(c.read(16 * MIB, 4096).await.unwrap(), vec![0; 4096]);
+        });
+        assert_eq!(c.info().size, 48 * MIB, "{suffix}: {}", server.log());
+        assert!(!server.log().contains("does not match"), "{}", server.log());
+    }
 }

@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use dst::cipher::Cipher;
+use dst::server::advice;
 use dst::server::auth::AuthorizedKeys;
-use dst::server::checksums::{self, ChecksumTable};
+use dst::server::backend::file::FileBackend;
+use dst::server::backend::Backend;
+use dst::server::checksums::{self, Checksums};
 use dst::server::export::ExportSpec;
 use dst::server::{Config, Control, Server};
 use dst::socket::Congestion;
@@ -365,33 +368,37 @@ fn run_status(args: StatusArgs) -> ExitCode {
 fn run_scrub(args: ScrubArgs) -> ExitCode {
     let spec = &args.export;
     let started = Instant::now();
-    let image_len = std::fs::File::open(&spec.path)
-        .and_then(|f| checksums::image_size(&f))
-        .unwrap_or(0);
-    let table = match spec.checksum_table_path() {
-        Ok(table) => table,
+    let opened = spec.checksum_table_path().and_then(|table| {
+        let image = FileBackend::open(&spec.path, true)
+            .map_err(|e| format!("{}: {e}", spec.path.display()))?;
+        Ok((table, image))
+    });
+    let (table, image) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             eprintln!("dst-server scrub: {e}");
             return ExitCode::from(2);
         }
     };
-    let bar = progress_bar(image_len);
+    let bar = progress_bar(image.disk_size().unwrap_or(0));
     let mut progress = |done: u64| bar.set_position(done);
     let result = if args.repair_table {
-        checksums::rebuild(&spec.path, &table, &mut progress).map(|r| {
-            bar.finish_and_clear();
-            println!(
-                "rebuilt checksum table {} from {} in {:.1?}: {} blocks of 4 KiB ({} zero)",
-                table.display(),
-                spec.path.display(),
-                started.elapsed(),
-                r.blocks,
-                r.zero
-            );
-            ExitCode::SUCCESS
-        })
+        checksums::rebuild(&image, &table, &mut progress)
+            .map_err(|e| advice::checksum_error(spec, &e))
+            .map(|r| {
+                bar.finish_and_clear();
+                println!(
+                    "rebuilt checksum table {} from {} in {:.1?}: {} blocks of 4 KiB ({} zero)",
+                    table.display(),
+                    spec.path.display(),
+                    started.elapsed(),
+                    r.blocks,
+                    r.zero
+                );
+                ExitCode::SUCCESS
+            })
     } else {
-        scrub(spec, &table, &mut progress).map(|report| {
+        scrub(spec, image, &table, &mut progress).map(|report| {
             bar.finish_and_clear();
             print_scrub(spec, &report, started.elapsed());
             if report.corrupt > 0 {
@@ -410,6 +417,7 @@ fn run_scrub(args: ScrubArgs) -> ExitCode {
 
 fn scrub(
     spec: &ExportSpec,
+    image: FileBackend,
     table_path: &Path,
     progress: &mut dyn FnMut(u64),
 ) -> Result<checksums::ScrubReport, String> {
@@ -426,9 +434,8 @@ fn scrub(
             }
         ));
     }
-    let image =
-        std::fs::File::open(&spec.path).map_err(|e| format!("{}: {e}", spec.path.display()))?;
-    let table = ChecksumTable::open(&spec.name, &spec.path, table_path, image, None)?;
+    let table = Checksums::open(&spec.name, Box::new(image), table_path, None)
+        .map_err(|e| advice::checksum_error(spec, &e))?;
     table
         .scrub(progress)
         .map_err(|e| format!("export '{}': scrub failed: {e}", spec.name))

@@ -1,22 +1,22 @@
-//! One export: a regular file or block device on the export node, and the blocking I/O
-//! on it. Requests reach here already checked against the export's size and access.
-//! With `:checksums` (or `:checksums=TABLE`), reads and changes go through the export's
-//! [`ChecksumTable`].
+//! One export: its spec, its size, and the execution of requests on its backend stack
+//! ([`super::backend`]: the regular file or block device, with `:checksums` or
+//! `:checksums=TABLE` the [`Checksums`] filter over it). Requests reach here already
+//! checked against the export's size and access.
 //!
 //! An export may grow while the server runs ([`Export::check_size`]): the image file made
-//! longer, the block device enlarged. It never shrinks under its clients, and one with
-//! checksums keeps its size, since its table is laid out for the size it was made for.
+//! longer, the block device enlarged; its checksum table, if it has one, grows first. It
+//! never shrinks under its clients.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::checksums::{self, ChecksumTable};
+use super::advice;
+use super::backend::file::FileBackend;
+use super::backend::Backend;
+use super::checksums::{self, Checksums};
 use super::flush_group::FlushGroup;
 use super::metrics::ExportCounters;
 use crate::pool::Pool;
@@ -43,9 +43,10 @@ const FORM: &str = "NAME=PATH[:ro][:checksums[=TABLE]]";
 
 impl ExportSpec {
     /// Where this export's checksum table is, or why it cannot be anywhere (see
-    /// [`checksums::table_path`]).
+    /// [`checksums::table_path`]), with what to do about it.
     pub fn checksum_table_path(&self) -> Result<PathBuf, String> {
-        checksums::table_path(&self.name, &self.path, self.checksum_table.as_deref())
+        checksums::table_path(&self.path, self.checksum_table.as_deref())
+            .map_err(|e| advice::checksum_error(self, &e))
     }
 }
 
@@ -100,7 +101,6 @@ impl std::str::FromStr for ExportSpec {
 }
 
 /// An open export.
-#[derive(Debug)]
 pub struct Export {
     pub name: String,
     pub path: PathBuf,
@@ -110,18 +110,22 @@ pub struct Export {
     refused: AtomicU64,
     pub block_size: u32,
     pub read_only: bool,
-    file: File,
-    /// The same file opened O_DSYNC, so a FUA write is durable without a full fdatasync.
-    dsync: Option<File>,
-    /// Buffered writes to one file serialize on its inode lock in the kernel, where a
-    /// waiting thread spins on the CPU; waiting here sleeps instead.
-    write_lock: Mutex<()>,
-    /// Per-block checksums, with `:checksums`.
-    pub checksums: Option<ChecksumTable>,
+    /// The I/O: the file or block device, with checksums as a filter over it.
+    backend: Box<dyn Backend>,
     /// FLUSHes waiting for the next fdatasync.
     flushes: Mutex<FlushGroup<FlushDone>>,
     /// What was asked of it, for monitoring.
     pub counters: ExportCounters,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("size", &self.size())
+            .finish()
+    }
 }
 
 /// What a FLUSH does once its sync is done: answer with the status.
@@ -143,61 +147,28 @@ impl Export {
                     path.display()
                 )
             })?;
-            // An image holds a client's data: readable by the server's user only (the umask
-            // can only narrow this).
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(ctx)?;
-            f.set_len(size).map_err(ctx)?;
+            FileBackend::create(path, size).map_err(ctx)?;
             log::info!(
                 "created sparse image {} of {size} bytes for export '{}'",
                 path.display(),
                 spec.name
             );
         }
-        let open = |flags: i32| {
-            OpenOptions::new()
-                .read(true)
-                .write(!spec.read_only)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let mut file = open(0).map_err(ctx)?;
-        let meta = file.metadata().map_err(ctx)?;
-        let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(format!(
-                "export '{}': {} is neither a regular file nor a block device",
-                spec.name,
-                path.display()
-            ));
-        }
-        let size = file.seek(SeekFrom::End(0)).map_err(ctx)?;
-        let block_size = if ft.is_block_device() {
-            logical_block_size(&file).map_err(ctx)?
-        } else {
-            4096
-        };
-        let dsync = if spec.read_only {
-            None
-        } else {
-            Some(open(libc::O_DSYNC).map_err(ctx)?)
-        };
-        let checksums = if spec.checksums {
+        let file = FileBackend::open(path, spec.read_only)
+            .map_err(|e| format!("export '{}': {}: {e}", spec.name, path.display()))?;
+        let block_size = file.block_size();
+        let size = file.disk_size().map_err(ctx)?;
+        let backend: Box<dyn Backend> = if spec.checksums {
             let table = spec.checksum_table_path()?;
-            let image = file.try_clone().map_err(ctx)?;
-            Some(ChecksumTable::open(
-                &spec.name,
-                path,
-                &table,
-                image,
-                Some(spec.checksum_checkpoint),
-            )?)
+            let every = Some(spec.checksum_checkpoint);
+            let sums = Checksums::open(&spec.name, Box::new(file), &table, every)
+                .map_err(|e| advice::checksum_error(spec, &e))?;
+            if let Some(r) = sums.created().filter(|r| r.unverified > 0) {
+                log::warn!("{}", advice::unverified_at_creation(spec, r.unverified));
+            }
+            Box::new(sums)
         } else {
-            None
+            Box::new(file)
         };
         Ok(Export {
             name: spec.name.clone(),
@@ -206,10 +177,7 @@ impl Export {
             refused: AtomicU64::new(size),
             block_size,
             read_only: spec.read_only,
-            file,
-            dsync,
-            write_lock: Mutex::new(()),
-            checksums,
+            backend,
             flushes: Mutex::new(FlushGroup::default()),
             counters: ExportCounters::default(),
         })
@@ -227,10 +195,16 @@ impl Export {
             .is_some_and(|end| end <= self.size())
     }
 
+    /// Blocks found corrupt since the server started, with checksums.
+    pub fn corrupt_blocks(&self) -> Option<u64> {
+        self.backend.corrupt_blocks()
+    }
+
     /// Reads the size of the file or device again; returns the new size if the export
-    /// grew. A change that is refused is logged once, and the old size stays.
+    /// grew (its backend made ready for it first). A change that is refused is logged
+    /// once, and the old size stays.
     pub fn check_size(&self) -> Option<u64> {
-        let found = match (&self.file).seek(SeekFrom::End(0)) {
+        let found = match self.backend.disk_size() {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("export '{}': cannot read its size: {e}", self.name);
@@ -238,12 +212,24 @@ impl Export {
             }
         };
         let current = self.size();
-        match resize(current, found, self.checksums.is_some()) {
+        match resize(current, found) {
             Resize::Same => {
                 self.refused.store(current, Ordering::Relaxed);
                 None
             }
             Resize::Grow => {
+                if let Err(e) = self.backend.grow(found) {
+                    if self.refused.swap(found, Ordering::Relaxed) != found {
+                        log::warn!(
+                            "export '{}': {} is now {found} bytes, but its checksum table \
+                             could not grow ({e}); still serving {current} bytes, and trying \
+                             again at the next look",
+                            self.name,
+                            self.path.display()
+                        );
+                    }
+                    return None;
+                }
                 // A SIGHUP and the periodic look may race: one of them grows it.
                 self.size
                     .compare_exchange(current, found, Ordering::AcqRel, Ordering::Acquire)
@@ -297,46 +283,19 @@ impl Export {
         data: &[u8],
         pool: &Pool,
     ) -> Outcome {
-        let sums = self.checksums.as_ref();
+        let b = &self.backend;
         let result = match op {
+            // A checksum mismatch was logged with its block number where it was found.
             Op::Read => {
-                // A checksum mismatch was logged with its block number where it was found.
-                let read = match sums {
-                    Some(t) => t.read(offset, length),
-                    None => {
-                        let mut buf = pool.take(length as usize);
-                        match self.file.read_exact_at(&mut buf, offset) {
-                            Ok(()) => Ok(buf),
-                            Err(e) => {
-                                pool.put(buf);
-                                Err(e)
-                            }
-                        }
-                    }
-                };
-                return match read {
+                return match b.read(offset, length as usize, pool) {
                     Ok(buf) => (0, buf),
                     Err(e) => (errno(&e), Vec::new()),
-                };
-            }
-            Op::Write => {
-                let f = if fua {
-                    self.dsync.as_ref().unwrap_or(&self.file)
-                } else {
-                    &self.file
-                };
-                let write = || {
-                    let _serial = self.write_lock.lock().unwrap();
-                    f.write_all_at(data, offset)
-                };
-                match sums {
-                    Some(t) => t.write(offset, data, write),
-                    None => write(),
                 }
             }
-            Op::Flush => self.sync_data(),
-            Op::Trim => self.trim(offset, length as u64, fua),
-            Op::WriteZeroes => self.write_zeroes(offset, length as u64, fua),
+            Op::Write => b.write(offset, data, fua),
+            Op::Flush => b.flush(),
+            Op::Trim => b.trim(offset, length as u64, fua).map(drop),
+            Op::WriteZeroes => b.zero(offset, length as u64, fua),
             Op::Ping => Ok(()),
         };
         match result {
@@ -349,13 +308,13 @@ impl Export {
     }
 
     /// FLUSH: puts every write completed before now on stable storage, then calls `done`
-    /// with the status (an errno, or 0). Flushes that arrive while a sync runs share the next one: the
-    /// thread running a sync runs the next for them and answers them, so the others
-    /// return at once. Checksums are made durable by their own checkpoints, not here.
+    /// with the status (an errno, or 0). Flushes that arrive while a sync runs share the
+    /// next one: the thread running a sync runs the next for them and answers them, so
+    /// the others return at once.
     fn flush(&self, done: FlushDone) {
         let mut batch = self.flushes.lock().unwrap().arrive(done);
         while let Some(waiters) = batch {
-            let status = match self.sync_data() {
+            let status = match self.backend.flush() {
                 Ok(()) => 0,
                 Err(e) => {
                     log::warn!("export '{}': flush: {e}", self.name);
@@ -372,87 +331,7 @@ impl Export {
     /// Puts every completed write on stable storage; with checksums, the table too, and
     /// marks it closed cleanly (the server calls this at shutdown).
     pub fn sync(&self) -> io::Result<()> {
-        self.sync_data()?;
-        match &self.checksums {
-            Some(t) => t.sync(),
-            None => Ok(()),
-        }
-    }
-
-    /// Puts every completed write's data on stable storage (FLUSH, FUA).
-    fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: plain syscall on an fd we own; no memory is passed.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        let punch = || match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
-            // A discard is a hint: where holes cannot be punched, the data may stay.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
-            Err(e) => Err(e),
-            Ok(()) => Ok(true),
-        };
-        let punched = match &self.checksums {
-            Some(t) => t.zero(offset, len, punch)?,
-            None => punch()?,
-        };
-        if punched && fua {
-            self.sync_data()?;
-        }
-        Ok(())
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        match &self.checksums {
-            Some(t) => t
-                .zero(offset, len, || self.zero_range(offset, len).map(|()| true))
-                .map(drop)?,
-            None => self.zero_range(offset, len)?,
-        }
-        if fua {
-            self.sync_data()?;
-        }
-        Ok(())
-    }
-
-    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
-        let mut r = self.fallocate(
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        );
-        if r.as_ref().is_err_and(unsupported) {
-            r = self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            );
-        }
-        if r.as_ref().is_err_and(unsupported) {
-            let zeroes = vec![0u8; len.min(1 << 20) as usize];
-            let mut at = offset;
-            while at < offset + len {
-                let n = (offset + len - at).min(zeroes.len() as u64) as usize;
-                self.file.write_all_at(&zeroes[..n], at)?;
-                at += n as u64;
-            }
-            r = Ok(());
-        }
-        r
+        self.backend.close()
     }
 }
 
@@ -467,19 +346,13 @@ pub enum Resize {
 }
 
 /// Decides what the size `found` on disk does to an export of `current` bytes; pure.
-pub fn resize(current: u64, found: u64, checksums: bool) -> Resize {
+pub fn resize(current: u64, found: u64) -> Resize {
     if found == current {
         Resize::Same
     } else if found < current {
         Resize::Refuse(
             "shrinking is refused, since clients may hold data past the new end; \
              restore the size, or stop the clients and restart the server",
-        )
-    } else if checksums {
-        Resize::Refuse(
-            "an export with checksums cannot grow while served, since its table is laid out \
-             for its size; stop the server, run `dst-server scrub --export NAME=PATH \
-             --repair-table`, and start it again",
         )
     } else {
         Resize::Grow
@@ -490,27 +363,15 @@ fn errno(e: &io::Error) -> u32 {
     e.raw_os_error().unwrap_or(libc::EIO) as u32
 }
 
-fn logical_block_size(file: &File) -> io::Result<u32> {
-    let mut size: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int through the pointer we pass.
-    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn exports_grow_but_never_shrink() {
-        assert_eq!(resize(4096, 4096, false), Resize::Same);
-        assert_eq!(resize(4096, 8192, false), Resize::Grow);
-        assert!(matches!(resize(8192, 4096, false), Resize::Refuse(w) if w.contains("shrink")));
-        assert!(matches!(resize(4096, 8192, true), Resize::Refuse(w) if w.contains("checksums")));
-        assert_eq!(resize(4096, 4096, true), Resize::Same);
+        assert_eq!(resize(4096, 4096), Resize::Same);
+        assert_eq!(resize(4096, 8192), Resize::Grow);
+        assert!(matches!(resize(8192, 4096), Resize::Refuse(w) if w.contains("shrink")));
     }
 
     #[test]

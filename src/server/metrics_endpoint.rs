@@ -125,7 +125,7 @@ pub(super) fn text(shared: &Shared) -> String {
         .map(|e| ExportView {
             name: &e.name,
             counters: &e.counters,
-            corrupt_blocks: e.checksums.as_ref().map(|t| t.stats().corrupt_blocks),
+            corrupt_blocks: e.corrupt_blocks(),
         })
         .collect();
     let (sessions, sessions_connected) = {

@@ -9,7 +9,9 @@
 //! (which queued request runs next) and `flush_group` (FLUSHes sharing one fdatasync).
 //! I/O: `connection` (one connection's life: handshake on the `handshakers` threads,
 //! negotiation, its readers), `requests` (the request path), `replies` (sending),
-//! `workers` (the I/O threads), `export` (the disk).
+//! `workers` (the I/O threads), `export` (an export: its size and its requests, run on
+//! its `backend` stack: a file or block device, with `checksums` as a filter over it) and
+//! `advice` (storage errors turned into what the operator should run).
 //!
 //! Each connection has two reader threads, taking turns, that decode requests, write
 //! payloads decrypted straight into pooled buffers. Requests run on the I/O threads, so a
@@ -19,7 +21,9 @@
 //! answers resent transactions.
 
 pub mod admission;
+pub mod advice;
 pub mod auth;
+pub mod backend;
 mod baton;
 pub mod budget;
 pub mod checksums;

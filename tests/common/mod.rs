@@ -181,6 +181,24 @@ impl Setup {
         (status, read.join().unwrap().unwrap())
     }
 
+    /// Runs `dst-server scrub ARGS` in this setup's directory; returns its exit code and
+    /// its output.
+    pub fn scrub(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_dst-server"))
+            .arg("scrub")
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("dst-server scrub runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().expect("scrub exited"), text)
+    }
+
     /// The command that starts `dst-server` on `addr` with this setup's keys and `args`.
     pub fn server_command(&self, addr: SocketAddr, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dst-server"));
