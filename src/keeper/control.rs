@@ -1,6 +1,7 @@
 //! The control socket between the keeper and a worker: the messages each sends and their
 //! encoding (a tag byte, then fixed fields little-endian, then text), and sending and
-//! receiving them, the /dev/fuse descriptor riding along with [`ToWorker::Adopt`].
+//! receiving them, the /dev/fuse descriptor riding along with [`ToWorker::Adopt`]; and
+//! how a worker finds its end ([`worker_control`]).
 
 use std::ffi::OsStr;
 use std::io;
@@ -10,6 +11,33 @@ use std::path::PathBuf;
 
 use super::resume::KernelInit;
 use super::sys;
+
+/// Set in a worker's environment: the number of its control socket's descriptor.
+pub const WORKER_ENV: &str = "DST_WORKER_CONTROL";
+
+/// The control socket, if this process is a worker. Call once, before any thread starts
+/// (it removes the variable).
+pub fn worker_control() -> Result<Option<Control>, String> {
+    let Some(value) = std::env::var_os(WORKER_ENV) else {
+        return Ok(None);
+    };
+    std::env::remove_var(WORKER_ENV);
+    let fd = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("{WORKER_ENV} must be a descriptor number; unset it"))?;
+    let socket = sys::inherited_socket(fd)
+        .map_err(|e| format!("{WORKER_ENV}={fd}: {e}; unset {WORKER_ENV}"))?;
+    // A worker never outlives its keeper: without the keeper the connection is gone.
+    sys::die_with_parent(libc::SIGKILL, std::os::unix::process::parent_id())
+        .map_err(|e| format!("cannot tie the worker to its keeper: {e}"))?;
+    // The keeper decides when the worker ends: Ctrl-C, a hangup or `systemctl stop`
+    // reach it, and it stops the worker after unmounting, once writes are acked.
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        sys::ignore_signal(signal);
+    }
+    Ok(Some(Control::from_fd(socket)))
+}
 
 /// What a worker tells the keeper.
 #[derive(Debug, Clone, PartialEq, Eq)]

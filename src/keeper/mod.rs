@@ -11,6 +11,7 @@
 
 mod adopt;
 mod control;
+mod init;
 mod restarts;
 mod resume;
 mod sys;
@@ -27,10 +28,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fuser::{Filesystem, KernelConfig, Session};
+use fuser::Session;
 
 pub use adopt::{adopt, request_resend};
-pub use control::{Adopt, Control, ToKeeper, ToWorker};
+pub use control::{worker_control, Adopt, Control, ToKeeper, ToWorker, WORKER_ENV};
 pub use restarts::{EXIT_DRAINED, EXIT_FAILED, EXIT_MOUNT_GONE, EXIT_SESSION_ERROR};
 pub use resume::KernelInit;
 
@@ -38,34 +39,8 @@ use crate::fuse;
 use crate::mount::{unmount, Output, REPORT_READY};
 use crate::mount_options::MountRequest;
 use crate::service;
+use init::InitRecorder;
 use restarts::{classify, describe, Backoff, Exit, Next};
-
-/// Set in a worker's environment: the number of its control socket's descriptor.
-pub const WORKER_ENV: &str = "DST_WORKER_CONTROL";
-
-/// The control socket, if this process is a worker. Call once, before any thread starts
-/// (it removes the variable).
-pub fn worker_control() -> Result<Option<Control>, String> {
-    let Some(value) = std::env::var_os(WORKER_ENV) else {
-        return Ok(None);
-    };
-    std::env::remove_var(WORKER_ENV);
-    let fd = value
-        .to_str()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("{WORKER_ENV} must be a descriptor number; unset it"))?;
-    let socket = sys::inherited_socket(fd)
-        .map_err(|e| format!("{WORKER_ENV}={fd}: {e}; unset {WORKER_ENV}"))?;
-    // A worker never outlives its keeper: without the keeper the connection is gone.
-    sys::die_with_parent(libc::SIGKILL, std::os::unix::process::parent_id())
-        .map_err(|e| format!("cannot tie the worker to its keeper: {e}"))?;
-    // The keeper decides when the worker ends: Ctrl-C, a hangup or `systemctl stop`
-    // reach it, and it stops the worker after unmounting, once writes are acked.
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        sys::ignore_signal(signal);
-    }
-    Ok(Some(Control::from_fd(socket)))
-}
 
 /// What the keeper waits for.
 enum Event {
@@ -82,32 +57,6 @@ struct Worker {
     control: Control,
     serving_since: Option<Instant>,
     adopted: bool,
-}
-
-/// The filesystem of the keeper's session: it only answers the kernel's INIT, as the
-/// workers' filesystem would, and records what the kernel offered.
-struct InitRecorder(Arc<Mutex<Option<KernelInit>>>);
-
-impl Filesystem for InitRecorder {
-    fn init(&mut self, _req: &fuser::Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let abi = config.kernel_abi();
-        // The kernel's readahead is the most that may be set; asking for more tells it.
-        let max_readahead = match config.set_max_readahead(u32::MAX) {
-            Err(max) => max,
-            Ok(previous) => {
-                let _ = config.set_max_readahead(previous);
-                u32::MAX
-            }
-        };
-        *self.0.lock().unwrap() = Some(KernelInit {
-            major: abi.0,
-            minor: abi.1,
-            max_readahead,
-            flags: config.capabilities().bits(),
-        });
-        fuse::configure_kernel(config);
-        Ok(())
-    }
 }
 
 /// What happens next after an event.
