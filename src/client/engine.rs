@@ -105,8 +105,11 @@ struct Inner {
     state: Mutex<Core<Done>>,
     /// Something was queued for sending.
     queued: Event,
-    /// The window has room, or the table emptied.
+    /// The window has room.
     room: Event,
+    /// Closed with nothing left in flight: the connection's tasks end. Apart from `room`,
+    /// so that they are not woken at every ack.
+    finished: Event,
     /// The core's next wake-up may be earlier than the timer sleeps (a new connection),
     /// or the engine is closing.
     rewake: Event,
@@ -146,6 +149,7 @@ impl Engine {
             info,
             queued: Event::new(),
             room: Event::new(),
+            finished: Event::new(),
             rewake: Event::new(),
             resized: Event::new(),
             driver: Mutex::new(None),
@@ -265,6 +269,7 @@ impl Engine {
     pub async fn close(&self) {
         self.inner.state.lock().unwrap().close();
         self.inner.room.notify(usize::MAX);
+        self.inner.finished.notify(usize::MAX);
         self.inner.queued.notify(usize::MAX);
         self.inner.rewake.notify(usize::MAX);
         let driver = self.inner.driver.lock().unwrap().take();
@@ -382,11 +387,14 @@ impl Inner {
 
     /// Hands a reply to the core, and completes the transaction it resolves, if any.
     fn complete(&self, txid: u64, status: u32, data: Vec<u8>) {
-        let resolved =
-            self.state
-                .lock()
-                .unwrap()
-                .on_reply(Instant::now(), txid, status, data.len());
+        let (resolved, finished) = {
+            let mut st = self.state.lock().unwrap();
+            let resolved = st.on_reply(Instant::now(), txid, status, data.len());
+            (resolved, st.finished())
+        };
+        if finished {
+            self.finished.notify(usize::MAX);
+        }
         let Some(done) = resolved else {
             self.pool.put(data);
             return;
@@ -422,6 +430,9 @@ impl Inner {
             done(Err(errno));
         }
         self.room.notify(usize::MAX);
+        if self.state.lock().unwrap().finished() {
+            self.finished.notify(usize::MAX);
+        }
     }
 
     /// Ends the current connection, for `why`; the driver then reconnects.

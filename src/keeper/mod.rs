@@ -16,6 +16,7 @@ mod restarts;
 mod resume;
 mod sys;
 pub mod upgrade;
+mod watch;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -41,6 +42,7 @@ use crate::mount_options::MountRequest;
 use crate::service;
 use init::InitRecorder;
 use restarts::{classify, describe, Backoff, Exit, Next};
+use watch::MountWatch;
 
 /// What the keeper waits for.
 enum Event {
@@ -76,6 +78,8 @@ struct Keeper<'a> {
     events_tx: Sender<Event>,
     events: Receiver<Event>,
     session: Option<Session<InitRecorder>>,
+    /// Armed while no worker serves.
+    watch: Option<MountWatch>,
     kernel: Option<KernelInit>,
     worker: Option<Worker>,
     /// The first worker served: start-up is over.
@@ -139,6 +143,7 @@ pub fn keep(
         events_tx,
         events,
         session: None,
+        watch: None,
         kernel: None,
         worker: None,
         started: false,
@@ -385,22 +390,15 @@ impl Keeper<'_> {
         )
         .map_err(|e| format!("cannot mount at {}: {e}", self.mountpoint.display()))?;
         let kernel = recorded.lock().unwrap().take();
-        // Workers see an unmount as the end of their FUSE loop; the keeper must see it too,
-        // for when no worker serves (between restarts, or none can connect).
-        let watched = session.as_fd().try_clone_to_owned();
-        self.session = Some(session);
+        // While no worker serves, the keeper must see the unmount itself.
         let events = self.events_tx.clone();
-        watched
-            .and_then(|fd| {
-                std::thread::Builder::new()
-                    .name("mount-watch".into())
-                    .spawn(move || {
-                        if sys::wait_for_error(fd.as_fd()).is_ok() {
-                            let _ = events.send(Event::MountGone);
-                        }
-                    })
+        let watch = session.as_fd().try_clone_to_owned().and_then(|fd| {
+            MountWatch::start(fd, move || {
+                let _ = events.send(Event::MountGone);
             })
-            .map_err(|e| format!("cannot watch the FUSE connection: {e}"))?;
+        });
+        self.session = Some(session);
+        self.watch = Some(watch.map_err(|e| format!("cannot watch the FUSE connection: {e}"))?);
         let kernel = kernel.ok_or("the kernel's FUSE_INIT went unseen; report this bug")?;
         if !kernel.can_resend() {
             log::warn!(
@@ -453,6 +451,9 @@ impl Keeper<'_> {
         };
         worker.serving_since = Some(Instant::now());
         let pid = worker.pid;
+        if let Some(watch) = &self.watch {
+            watch.disarm();
+        }
         if !self.started {
             self.started = true;
             self.report_ready();
@@ -500,6 +501,9 @@ impl Keeper<'_> {
         let Some(worker) = self.worker.take() else {
             return Ok(Flow::Continue);
         };
+        if let Some(watch) = &self.watch {
+            watch.arm();
+        }
         let why = describe(code, sig);
         if self.stopping || self.mount_gone {
             log::info!("worker {} ended: {why}", worker.pid);

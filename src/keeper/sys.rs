@@ -185,18 +185,25 @@ pub fn die_with_parent(signal: i32, parent: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until `fd` reports an error or hangup: for a /dev/fuse connection, that the
-/// kernel ended it (the filesystem was unmounted, or the connection aborted).
-pub fn wait_for_error(fd: BorrowedFd) -> io::Result<()> {
-    let mut pollfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        // No events asked for: errors and hangups are always reported.
-        events: 0,
-        revents: 0,
-    };
+/// Waits until `fd` reports an error or hangup (true: for a /dev/fuse connection, the
+/// kernel ended it, unmounted or aborted) or `wake` is readable (false).
+pub fn wait_for_error(fd: BorrowedFd, wake: BorrowedFd) -> io::Result<bool> {
+    let mut pollfds = [
+        libc::pollfd {
+            fd: fd.as_raw_fd(),
+            // No events asked for: errors and hangups are always reported.
+            events: 0,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     loop {
-        // SAFETY: one pollfd, alive for the call.
-        let n = unsafe { libc::poll(&mut pollfd, 1, -1) };
+        // SAFETY: two pollfds, alive for the call.
+        let n = unsafe { libc::poll(pollfds.as_mut_ptr(), 2, -1) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -204,8 +211,11 @@ pub fn wait_for_error(fd: BorrowedFd) -> io::Result<()> {
             }
             return Err(err);
         }
-        if pollfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-            return Ok(());
+        if pollfds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Ok(true);
+        }
+        if pollfds[1].revents != 0 {
+            return Ok(false);
         }
     }
 }
@@ -253,11 +263,22 @@ mod tests {
     #[test]
     fn a_closed_peer_is_seen_as_an_error_or_hangup() {
         let (a, b) = seqpacket_pair().unwrap();
-        let waiter = std::thread::spawn(move || wait_for_error(b.as_fd()));
+        let (wake, woken) = seqpacket_pair().unwrap();
+        let waiter = std::thread::spawn(move || wait_for_error(b.as_fd(), woken.as_fd()));
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(!waiter.is_finished());
         drop(a);
-        waiter.join().unwrap().unwrap();
+        assert!(waiter.join().unwrap().unwrap(), "the hangup is seen");
+        drop(wake);
+    }
+
+    #[test]
+    fn a_wait_for_an_error_ends_when_woken() {
+        let (_a, b) = seqpacket_pair().unwrap();
+        let (wake, woken) = seqpacket_pair().unwrap();
+        let waiter = std::thread::spawn(move || wait_for_error(b.as_fd(), woken.as_fd()));
+        send(wake.as_fd(), b"w", None).unwrap();
+        assert!(!waiter.join().unwrap().unwrap(), "woken, no error");
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl Inner {
     /// there is nothing left to do or the export changed.
     async fn reconnect(&self) -> Option<Connection> {
         loop {
-            let room = self.room.listen();
+            let finished = self.finished.listen();
             let (retry_at, session) = {
                 let st = self.state.lock().unwrap();
                 if st.finished() {
@@ -91,7 +91,7 @@ impl Inner {
                 async {
                     smol::Timer::at(at).await;
                 }
-                .or(room)
+                .or(finished)
                 .await;
                 continue;
             }
@@ -186,11 +186,11 @@ impl Inner {
         };
         let done = async {
             loop {
-                let room = self.room.listen();
+                let finished = self.finished.listen();
                 if self.finished() {
                     return "closed".to_string();
                 }
-                room.await;
+                finished.await;
             }
         };
         let why = self.write_requests().or(replies_ended).or(done).await;
