@@ -240,13 +240,9 @@ impl Engine {
     fn begin(&self, op: Op, flags: u8, offset: u64, length: u32, data: Vec<u8>, done: Done) {
         let tx = core::request(op, flags, offset, length, data, Instant::now(), done);
         match self.inner.try_enter(tx) {
-            // Alone in flight, it is latency-bound: sending here saves waking the writer.
-            // Otherwise the writer sends it with what gathers meanwhile, in one batch, and
-            // this thread is free for the next request.
-            Ok(true) => smol::block_on(self.inner.send_queued()),
-            Ok(false) => {
-                self.inner.queued.notify(1);
-            }
+            // Sent from this thread, which saves waking the writer; a thread already
+            // sending sends it too, with what gathered meanwhile, in one batch.
+            Ok(_) => smol::block_on(self.inner.send_queued()),
             Err(Blocked::Failed(errno, done)) => done(Err(errno)),
             Err(Blocked::NoRoom(tx)) => {
                 let inner = self.inner.clone();

@@ -48,6 +48,12 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub const MAX_BACKGROUND: u16 = 128;
 pub const CONGESTION_THRESHOLD: u16 = 96;
 
+/// Threads reading requests from the FUSE connection, all on the one descriptor the keeper
+/// holds: while one sends a request it started to the export node, the next is read.
+/// (Not cloned descriptors: a clone dies with the worker, and the kernel fails the
+/// requests read through it instead of resending them to the next worker.)
+const FUSE_THREADS: usize = 2;
+
 /// Attributes change only when the export grows, and then the kernel is told, so they may be
 /// cached; `.stats` has size 0 and is read with direct I/O, so caching does not hide updates.
 const TTL: Duration = Duration::from_secs(60);
@@ -219,6 +225,7 @@ pub fn mount_config(source: &str, read_only: bool, root: bool) -> Config {
             MountOption::RW
         },
     ];
+    config.n_threads = Some(FUSE_THREADS);
     config.acl = if root {
         SessionACL::All
     } else {
