@@ -149,9 +149,8 @@ impl<W> Core<W> {
         }
     }
 
-    /// Enters a request if the window has room; true if it is the only one in flight
-    /// (latency-bound: worth sending at once).
-    pub fn submit(&mut self, now: Instant, mut tx: Request<W>) -> Result<bool, Blocked<W>> {
+    /// Enters a request if the window has room.
+    pub fn submit(&mut self, now: Instant, mut tx: Request<W>) -> Result<(), Blocked<W>> {
         if let Some(errno) = self.fatal {
             return Err(Blocked::Failed(errno, tx.waiter.waiter));
         }
@@ -171,7 +170,7 @@ impl<W> Core<W> {
         self.table.insert(tx, self.cfg.resend_timeout);
         self.stats.requests += 1;
         self.stats.max_in_flight_bytes = self.stats.max_in_flight_bytes.max(self.table.bytes());
-        Ok(self.table.len() == 1)
+        Ok(())
     }
 
     /// Whether something waits to be sent.

@@ -4,9 +4,10 @@
 //! module does the I/O and the waiting around it, calling the core under one lock.
 //!
 //! Callers submit concurrently and wait for room in the window rather than grow memory.
-//! A request alone in flight is encrypted and sent by the thread that submits it, so it
-//! reaches the socket without waking another thread; with company, a writer task sends
-//! everything queued in one batch, along with resends and pings. One driver task keeps a
+//! A request is encrypted and sent by the thread that submits it, so it reaches the
+//! socket without waking another thread; a thread that finds another sending leaves its
+//! request to that one, which sends everything queued in one batch. A writer task sends
+//! what no submitter does: resends, pings, what waited for a connection. One driver task keeps a
 //! connection: a reader thread resolves transactions from replies and calls their
 //! completions right there. A timer task wakes when the core says and lets it resend,
 //! fail, ping or declare the connection dead. A lost connection is re-established when
@@ -242,7 +243,7 @@ impl Engine {
         match self.inner.try_enter(tx) {
             // Sent from this thread, which saves waking the writer; a thread already
             // sending sends it too, with what gathered meanwhile, in one batch.
-            Ok(_) => smol::block_on(self.inner.send_queued()),
+            Ok(()) => smol::block_on(self.inner.send_queued()),
             Err(Blocked::Failed(errno, done)) => done(Err(errno)),
             Err(Blocked::NoRoom(tx)) => {
                 let inner = self.inner.clone();
@@ -297,26 +298,21 @@ impl Inner {
 
     /// Enters a transaction once the window has room, and sends it.
     async fn enter(&self, mut tx: Request<Done>) -> Result<(), (i32, Done)> {
-        let alone = loop {
+        loop {
             let room = self.room.listen();
             match self.try_enter(tx) {
-                Ok(alone) => break alone,
+                Ok(()) => break,
                 Err(Blocked::Failed(errno, done)) => return Err((errno, done)),
                 Err(Blocked::NoRoom(back)) => tx = back,
             }
             room.await;
-        };
-        if alone {
-            self.send_queued().await;
-        } else {
-            self.queued.notify(1);
         }
+        self.send_queued().await;
         Ok(())
     }
 
-    /// Enters a transaction if the core admits it now; true if it is the only one in
-    /// flight.
-    fn try_enter(&self, tx: Request<Done>) -> Result<bool, Blocked<Done>> {
+    /// Enters a transaction if the core admits it now.
+    fn try_enter(&self, tx: Request<Done>) -> Result<(), Blocked<Done>> {
         self.state.lock().unwrap().submit(Instant::now(), tx)
     }
 

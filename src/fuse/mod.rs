@@ -2,8 +2,8 @@
 //! the export (its size is the export's) and a hidden, read-only `.stats` file with the
 //! engine's live counters.
 //!
-//! Requests that need the export node are started on the FUSE thread, which also sends one
-//! alone in flight (no thread to wake on the way out), and are answered by the engine's
+//! Requests that need the export node are started on the FUSE thread that read them,
+//! which also sends them (no thread to wake on the way out), and are answered by the engine's
 //! reply thread as their acks arrive (none on the way back; large reads are answered on an
 //! executor thread, so that their copy does not hold up the replies behind them). The loop
 //! never waits for an ack, so the kernel can keep many requests in flight and the engine's
