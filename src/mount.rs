@@ -141,6 +141,18 @@ pub fn load_keys(req: &MountRequest) -> Result<(PrivateKey, PublicKey), String> 
     Ok((key, server_key))
 }
 
+/// Has every thread allocate from one malloc arena; call before any thread exists. The
+/// worker's FUSE threads take payload buffers that its reply thread gives back: with an
+/// arena per thread, each kept its own freed megabytes, and peak memory under load rose
+/// by a third. Large buffers are pooled, so the arena's lock is rarely taken for them.
+pub fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a glibc tunable; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Mounts and keeps the mount in this process until unmounted or signalled. `cfg` is only
 /// described in the log: each worker makes its own from `req`.
 pub fn run_foreground(req: &MountRequest, cfg: EngineConfig) -> Result<(), String> {

@@ -247,6 +247,7 @@ fn run(args: Args) -> Result<(), String> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         std::env::set_var("SMOL_THREADS", n.to_string());
     }
+    dst::mount::one_malloc_arena();
     if let Some(control) = worker {
         dst::worker::run(&req, cfg, control)
     }
