@@ -37,8 +37,9 @@ impl Tasks {
         let guard = TaskGuard(self.clone());
         if self.draining.load(Ordering::SeqCst) {
             drop(guard);
-            // The request is neither executed nor answered: the FUSE thread stops here, so
-            // nothing more is read, and the kernel resends the request to the next worker.
+            // The request is neither executed nor answered: each FUSE thread stops here at
+            // its first, so nothing more is read, and the kernel resends them to the next
+            // worker.
             // Its reply object lives on this stack until the process exits, so it never
             // sends fuser's default EIO.
             loop {
