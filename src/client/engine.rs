@@ -7,8 +7,8 @@
 //! A request is encrypted and sent by the thread that submits it, so it reaches the
 //! socket without waking another thread; a thread that finds another sending leaves its
 //! request to that one, which sends everything queued in one batch. A writer task sends
-//! what no submitter does: resends, pings, what waited for a connection. One driver task keeps a
-//! connection: a reader thread resolves transactions from replies and calls their
+//! what no submitter does: resends, pings, what waited for a connection. One driver task
+//! keeps a connection: a reader thread resolves transactions from replies and calls their
 //! completions right there. A timer task wakes when the core says and lets it resend,
 //! fail, ping or declare the connection dead. A lost connection is re-established when
 //! the core's backoff says, the session resumed, and every unacked transaction sent
