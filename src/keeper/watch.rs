@@ -13,7 +13,7 @@ use super::sys;
 
 /// Arms and disarms the watch thread; it ends when the mount does or when this is dropped.
 pub struct MountWatch {
-    armed: Arc<(Mutex<State>, Condvar)>,
+    state: Arc<(Mutex<State>, Condvar)>,
     wake: UnixDatagram,
 }
 
@@ -29,12 +29,12 @@ impl MountWatch {
     pub fn start(fuse: OwnedFd, gone: impl FnOnce() + Send + 'static) -> io::Result<MountWatch> {
         let (wake, woken) = UnixDatagram::pair()?;
         woken.set_nonblocking(true)?;
-        let armed = Arc::new((Mutex::new(State::Armed), Condvar::new()));
-        let state = armed.clone();
+        let state = Arc::new((Mutex::new(State::Armed), Condvar::new()));
+        let shared = state.clone();
         std::thread::Builder::new()
             .name("mount-watch".into())
             .spawn(move || {
-                let (lock, turn) = &*state;
+                let (lock, turn) = &*shared;
                 loop {
                     {
                         let mut s = lock.lock().unwrap();
@@ -58,7 +58,7 @@ impl MountWatch {
                     }
                 }
             })?;
-        Ok(MountWatch { armed, wake })
+        Ok(MountWatch { state, wake })
     }
 
     /// No worker serves: the keeper must see the unmount itself.
@@ -72,7 +72,7 @@ impl MountWatch {
     }
 
     fn set(&self, state: State) {
-        let (lock, turn) = &*self.armed;
+        let (lock, turn) = &*self.state;
         let mut s = lock.lock().unwrap();
         if *s == state {
             return;
