@@ -367,6 +367,16 @@ fn a_node_down_longer_than_the_resend_budget_fails_new_requests_at_once() {
     );
     let engine = smol::block_on(Engine::start(cfg)).unwrap();
     server.stop(libc::SIGKILL);
+    // The outage counts from when the engine sees the connection end; a write entered
+    // before that would make the second one meet an outage shorter than the budget.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().connected {
+        assert!(
+            Instant::now() < deadline,
+            "the end of the connection unseen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let (r, took) = timed_write(&engine, 0, 1);
     assert_eq!(r, Err(libc::EIO));
