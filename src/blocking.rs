@@ -31,6 +31,12 @@ impl ThreadReader {
         })
     }
 
+    /// Another descriptor of the socket, to wait on until it has something to read; the
+    /// reading stays this reader's.
+    pub fn readiness(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
         loop {

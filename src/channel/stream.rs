@@ -142,6 +142,14 @@ impl Receiver<TcpStream> {
     }
 }
 
+impl Receiver<ThreadReader> {
+    /// A descriptor of the stream to wait on until it has something to read (see
+    /// [`ThreadReader::readiness`]).
+    pub fn readiness(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.reader.readiness()
+    }
+}
+
 impl<R: AsyncRead + Unpin> Receiver<R> {
     /// Returns the next frame, reading and decrypting records as needed. A frame longer
     /// than `limits` allows is refused from its header, before it is buffered.

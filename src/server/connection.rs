@@ -188,7 +188,8 @@ impl Shared {
         let (ended_tx, ended) = smol::channel::bounded(2);
         let (closing_tx, closing) = smol::channel::bounded::<()>(1);
         let reader = rx.into_blocking().and_then(|rx| {
-            let baton = Arc::new(Baton::new(rx));
+            let readiness = rx.readiness()?;
+            let baton = Arc::new(Baton::new(rx, readiness)?);
             for _ in 0..2 {
                 let (shared, session, baton) = (self.clone(), session.clone(), baton.clone());
                 let (closing, ended_tx) = (closing.clone(), ended_tx.clone());

@@ -143,14 +143,15 @@ impl Shared {
                 pool.put(data);
             };
             // A lone request is latency-bound (the write, then the flush, of an fsync): run
-            // it here rather than wake a worker for it. The other reader takes over first,
-            // even for a write into the page cache: a disk that hangs would otherwise leave
-            // the socket unread, and the client's leaving unseen, until it came back. What
-            // has company, executing or already received, goes to the workers.
+            // it here rather than wake a worker for it. It lends the reader to the other
+            // thread first, even for a write into the page cache: a disk that hangs would
+            // otherwise leave the socket unread, and the client's leaving unseen, until it
+            // came back. What has company, executing or already received, goes to the
+            // workers.
             if !(alone && rx.is_drained()) {
                 self.workers.spawn(flow, cost, job);
             } else {
-                baton.put(rx);
+                baton.lend(rx);
                 job();
                 rx = match baton.take() {
                     Some(rx) => rx,
