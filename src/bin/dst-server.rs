@@ -280,9 +280,10 @@ fn run(args: Args) -> Result<(), String> {
     })
 }
 
-/// Raises the soft limit on open files to the hard one: each connection takes a descriptor,
-/// and the default soft limit (often 1024) is below --max-connections plus
-/// --max-handshakes.
+/// Raises the soft limit on open files to the hard one: a handshake takes a descriptor and
+/// an open connection five (its socket, its readers' own, and their epoll set, eventfd and
+/// watch), and the default soft limit (often 1024) is below that for --max-connections
+/// plus --max-handshakes.
 fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
