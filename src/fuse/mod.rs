@@ -2,12 +2,12 @@
 //! the export (its size is the export's) and a hidden, read-only `.stats` file with the
 //! engine's live counters.
 //!
-//! Requests that need the export node are started on the FUSE thread that read them,
-//! which also sends them (no thread to wake on the way out), and are answered by the
-//! engine's reply thread as their acks arrive (none on the way back; large reads are
-//! answered on an executor thread, so that their copy does not hold up the replies behind
-//! them). The loops never wait for an ack, so the kernel can keep many requests in flight
-//! and the engine's window, not these loops, bounds them. Reads and writes map to transactions, fsync,
+//! Requests that need the export node are started on the FUSE thread that read them, which
+//! also sends them (no thread to wake on the way out), and are answered by the engine's
+//! reply thread as their acks arrive (none on the way back; large reads are answered on an
+//! executor thread, so that their copy does not hold up the replies behind them). The loops
+//! never wait for an ack, so the kernel can keep many requests in flight and the engine's
+//! window, not these loops, bounds them. Reads and writes map to transactions, fsync,
 //! fdatasync and the flush of a writable handle's close to FLUSH, and fallocate's
 //! PUNCH_HOLE and ZERO_RANGE to TRIM and WRITE_ZEROES, which is how `mkfs` discards and
 //! `fstrim` on a loop device on top reach the export. The file's size is the export's: it
