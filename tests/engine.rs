@@ -184,8 +184,7 @@ fn started_requests_complete_exactly_once_each_past_a_full_window() {
     };
     for i in 0..N {
         let done = done.clone();
-        let data = engine.buffer(&pattern(LEN, i));
-        engine.start_write(i * LEN as u64, data, false, move |r| {
+        engine.start_write(i * LEN as u64, &pattern(LEN, i), false, move |r| {
             done.send((i, r.map(|()| Vec::new()))).unwrap()
         });
     }

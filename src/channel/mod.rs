@@ -46,7 +46,7 @@ use crate::protocol::{self, DecodeError};
 
 pub use establish::{accept, accept_first_flight, connect, FirstFlight};
 pub use handshake::Refusal;
-pub use record::{Outgoing, OwnedFrame};
+pub use record::{Outgoing, OwnedFrame, Sealed};
 pub use stream::{Hangup, Receiver, Sender};
 
 /// Largest Noise message, ciphertext included.

@@ -7,9 +7,12 @@
 //! first record is its verdict on the other ([`handshake::verdict`](super::handshake)), the
 //! rest one stream of frames.
 
+use std::fmt;
+use std::sync::Arc;
+
 use super::handshake;
 use super::{ChannelError, NOISE_MAX, RECORD_PLAINTEXT};
-use crate::cipher::{RecordKey, TAG_LEN};
+use crate::cipher::{RecordKey, Unauthentic, TAG_LEN};
 use crate::pool::Pool;
 use crate::protocol::{self, DecodeError, Frame, Head, Limits};
 
@@ -27,7 +30,8 @@ pub const HEAD_MAX: usize = protocol::FRAME_HEADER
 
 /// Seals plaintext into records, each with the next nonce, and keeps them until written.
 pub struct Encoder {
-    key: RecordKey,
+    /// Shared with the payloads sealed apart, which open with it to be sent again.
+    key: Arc<RecordKey>,
     nonce: u64,
     /// Records sealed and not yet written: `out[written..sealed]`.
     out: Vec<u8>,
@@ -38,7 +42,7 @@ pub struct Encoder {
 impl Encoder {
     pub fn new(key: RecordKey) -> Encoder {
         Encoder {
-            key,
+            key: Arc::new(key),
             nonce: 0,
             out: Vec::new(),
             written: 0,
@@ -53,18 +57,29 @@ impl Encoder {
         if self.written == self.sealed {
             (self.written, self.sealed) = (0, 0);
         }
-        let size = |p: &&[u8]| p.len() + p.len().div_ceil(RECORD_PLAINTEXT) * (2 + TAG_LEN);
-        let total = self.sealed + parts.iter().map(size).sum::<usize>();
+        let total = self.sealed + parts.iter().map(|p| sealed_len(p.len())).sum::<usize>();
         if self.out.len() < total {
             self.out.resize(total, 0);
         }
-        for chunk in parts.iter().flat_map(|p| p.chunks(RECORD_PLAINTEXT)) {
-            let (at, n) = (self.sealed, chunk.len() + TAG_LEN);
-            self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
-            self.key
-                .seal(self.nonce, chunk, &mut self.out[at + 2..at + 2 + n]);
-            self.nonce += 1;
-            self.sealed += 2 + n;
+        for part in parts {
+            let at = self.sealed;
+            self.sealed += sealed_len(part.len());
+            self.nonce = seal_records(&self.key, self.nonce, part, &mut self.out[at..]);
+        }
+    }
+
+    /// Seals `payload` as [`seal_parts`](Self::seal_parts) would seal it as the next part,
+    /// but into `buf` instead of the stream's buffer: the caller writes the records right
+    /// after [`pending`](Self::pending), and may keep them in place of a plain copy.
+    pub fn seal_apart(&mut self, payload: &[u8], mut buf: Vec<u8>) -> Sealed {
+        buf.resize(sealed_len(payload.len()), 0);
+        let nonce = self.nonce;
+        self.nonce = seal_records(&self.key, nonce, payload, &mut buf);
+        Sealed {
+            records: buf,
+            key: self.key.clone(),
+            nonce,
+            len: payload.len(),
         }
     }
 
@@ -76,6 +91,79 @@ impl Encoder {
     /// The first `n` bytes of [`pending`](Self::pending) are written.
     pub fn consume(&mut self, n: usize) {
         self.written = (self.written + n).min(self.sealed);
+    }
+}
+
+/// Bytes of the records that carry `len` bytes of plaintext.
+fn sealed_len(len: usize) -> usize {
+    len + len.div_ceil(RECORD_PLAINTEXT) * (2 + TAG_LEN)
+}
+
+/// Seals `plain` into records at the start of `out`, the first with `nonce`; returns the
+/// nonce after the last.
+fn seal_records(key: &RecordKey, mut nonce: u64, plain: &[u8], out: &mut [u8]) -> u64 {
+    let mut at = 0;
+    for chunk in plain.chunks(RECORD_PLAINTEXT) {
+        let n = chunk.len() + TAG_LEN;
+        out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        key.seal(nonce, chunk, &mut out[at + 2..at + 2 + n]);
+        nonce += 1;
+        at += 2 + n;
+    }
+    nonce
+}
+
+/// A payload sealed apart from the stream ([`Encoder::seal_apart`]): its records as they
+/// went on the wire, and the key and first nonce that open them again. A sender keeps this
+/// in place of a plain copy, and opens it only to send it again.
+pub struct Sealed {
+    records: Vec<u8>,
+    key: Arc<RecordKey>,
+    nonce: u64,
+    len: usize,
+}
+
+impl Sealed {
+    /// The records, as written after the stream's pending bytes.
+    pub fn records(&self) -> &[u8] {
+        &self.records
+    }
+
+    /// Bytes of plaintext.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The plaintext again, into `out` (resized to it).
+    pub fn open(&self, out: &mut Vec<u8>) -> Result<(), Unauthentic> {
+        out.resize(self.len, 0);
+        let (mut at, mut to, mut nonce) = (0, 0, self.nonce);
+        while at < self.records.len() {
+            let n = u16::from_be_bytes([self.records[at], self.records[at + 1]]) as usize;
+            let record = &self.records[at + 2..at + 2 + n];
+            self.key
+                .open(nonce, record, &mut out[to..to + n - TAG_LEN])?;
+            (at, to, nonce) = (at + 2 + n, to + n - TAG_LEN, nonce + 1);
+        }
+        Ok(())
+    }
+
+    /// The buffer of the records, for its pool.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.records
+    }
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealed")
+            .field("len", &self.len)
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
     }
 }
 

@@ -3,7 +3,7 @@
 //! They own the stream: after the handshake nobody else reads or writes it, and a
 //! connection is ended through the channel too ([`Hangup`], [`Receiver::into_blocking`]).
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -12,7 +12,7 @@ use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::net::TcpStream;
 
 use super::handshake::Established;
-use super::record::{Decoder, Encoder, OwnedFrame, HEAD_MAX};
+use super::record::{Decoder, Encoder, OwnedFrame, Sealed, HEAD_MAX};
 use super::ChannelError;
 use crate::blocking::ThreadReader;
 use crate::pool::Pool;
@@ -58,6 +58,40 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
     /// [`try_flush`](Self::try_flush) does.
     pub fn seal_parts(&mut self, parts: &[&[u8]]) {
         self.codec.seal_parts(parts);
+    }
+
+    /// Sends `head` (encoded frames) and then `payload`, as `send_parts(&[head, payload])`
+    /// would, but seals the payload into `buf` ([`Encoder::seal_apart`]) and writes it
+    /// from there, in one vectored write with the head when the socket takes it all. The
+    /// records come back, sealed, whether or not the write succeeded.
+    pub async fn send_apart(
+        &mut self,
+        head: &[u8],
+        payload: &[u8],
+        buf: Vec<u8>,
+    ) -> (Sealed, Result<(), ChannelError>) {
+        self.codec.seal_parts(&[head]);
+        let sealed = self.codec.seal_apart(payload, buf);
+        let sent = self.flush_then(sealed.records()).await;
+        (sealed, sent)
+    }
+
+    /// Writes everything sealed, then `more`.
+    async fn flush_then(&mut self, more: &[u8]) -> Result<(), ChannelError> {
+        let mut rest = more;
+        while !self.codec.pending().is_empty() {
+            let parts = [IoSlice::new(self.codec.pending()), IoSlice::new(rest)];
+            let n = self.writer.write_vectored(&parts).await?;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            let head = n.min(self.codec.pending().len());
+            self.codec.consume(head);
+            rest = &rest[n - head..];
+        }
+        self.writer.write_all(rest).await?;
+        self.writer.flush().await?;
+        Ok(())
     }
 
     /// Writes everything sealed, waiting for the stream to take it.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::durability::Durability;
 use super::link::Link;
 use super::stats::Stats;
-use super::table::{Table, Tx, Window};
+use super::table::{Payload, Table, Tx, Window};
 use crate::protocol::{self, ExportInfo, Op, RequestHeader, SessionId};
 
 /// Transaction id of pings; they live outside the table and never reach the reply cache.
@@ -91,7 +91,7 @@ pub struct Completed<W> {
     /// `Ok` hands the reply's data to the waiter; `Err` is the errno to report instead.
     pub result: Result<(), i32>,
     /// The transaction's own payload (a write's buffer), free to reuse once unshared.
-    pub data: Arc<Vec<u8>>,
+    pub data: Arc<Payload>,
 }
 
 /// What a timer tick decided.
@@ -124,7 +124,7 @@ pub struct Core<W> {
     /// No deadline in the table is earlier (a bound: it may be earlier than needed).
     resend_at: Instant,
     /// The payload of a ping, shared.
-    empty: Arc<Vec<u8>>,
+    empty: Arc<Payload>,
 }
 
 impl<W> Core<W> {
@@ -144,13 +144,46 @@ impl<W> Core<W> {
             fatal: None,
             closing: false,
             resend_at: now + cfg.resend_timeout,
-            empty: Arc::new(Vec::new()),
+            empty: Arc::new(Payload::Plain(Vec::new())),
             cfg,
         }
     }
 
     /// Enters a request if the window has room.
-    pub fn submit(&mut self, now: Instant, mut tx: Request<W>) -> Result<(), Blocked<W>> {
+    pub fn submit(&mut self, now: Instant, tx: Request<W>) -> Result<(), Blocked<W>> {
+        let tx = self.admit(now, tx)?;
+        self.table.insert(tx, self.cfg.resend_timeout);
+        self.entered();
+        Ok(())
+    }
+
+    /// Enters a request, as [`submit`](Self::submit), that the caller sends at once
+    /// instead of queueing it: call only while connected. Returns the header to send it
+    /// with; a payload left [`Payload::Sealing`] is given with [`attach`](Self::attach).
+    pub fn submit_sent(
+        &mut self,
+        now: Instant,
+        tx: Request<W>,
+    ) -> Result<RequestHeader, Blocked<W>> {
+        let tx = self.admit(now, tx)?;
+        let h = self.table.insert_sent(tx, self.cfg.resend_timeout);
+        self.entered();
+        Ok(h)
+    }
+
+    /// Gives a transaction entered with [`submit_sent`](Self::submit_sent) its payload;
+    /// hands it back if the transaction was resolved meanwhile.
+    pub fn attach(&mut self, txid: u64, payload: Payload) -> Result<(), Payload> {
+        self.table.attach(txid, payload)
+    }
+
+    fn entered(&mut self) {
+        self.stats.requests += 1;
+        self.stats.max_in_flight_bytes = self.stats.max_in_flight_bytes.max(self.table.bytes());
+    }
+
+    /// The request, ready to enter, if it may.
+    fn admit(&mut self, now: Instant, mut tx: Request<W>) -> Result<Request<W>, Blocked<W>> {
         if let Some(errno) = self.fatal {
             return Err(Blocked::Failed(errno, tx.waiter.waiter));
         }
@@ -167,10 +200,7 @@ impl<W> Core<W> {
         }
         tx.submitted = now;
         tx.waiter.covers = self.durability.covers();
-        self.table.insert(tx, self.cfg.resend_timeout);
-        self.stats.requests += 1;
-        self.stats.max_in_flight_bytes = self.stats.max_in_flight_bytes.max(self.table.bytes());
-        Ok(())
+        Ok(tx)
     }
 
     /// Whether something waits to be sent.
@@ -183,7 +213,7 @@ impl<W> Core<W> {
     pub fn poll_transmit(
         &mut self,
         now: Instant,
-        batch: &mut Vec<(RequestHeader, Arc<Vec<u8>>)>,
+        batch: &mut Vec<(RequestHeader, Arc<Payload>)>,
         max_bytes: usize,
     ) {
         if self.link.take_ping() {

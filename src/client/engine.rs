@@ -24,9 +24,9 @@ use smol::net::{Shutdown, TcpStream};
 
 use super::core::{self, Blocked, Core, CoreConfig, Failures, Request};
 use super::stats::Stats;
-use super::table::Window;
+use super::table::{Payload, Window};
 use super::{ClientConfig, ClientError, Connection};
-use crate::channel::{Hangup, Outgoing, Sender};
+use crate::channel::{ChannelError, Hangup, Outgoing, Sender};
 use crate::pool::Pool;
 use crate::protocol::{self, ExportInfo, Op, RequestHeader, FLAG_FUA};
 
@@ -91,7 +91,7 @@ struct Wire {
     sender: Sender<TcpStream>,
     stream: Hangup,
     out: Outgoing,
-    batch: Vec<(RequestHeader, Arc<Vec<u8>>)>,
+    batch: Vec<(RequestHeader, Arc<Payload>)>,
 }
 
 /// A handle on the engine; clones share it.
@@ -187,12 +187,6 @@ impl Engine {
         }
     }
 
-    /// A copy of `data` in a buffer from the engine's pool, for [`Engine::write_buffer`]:
-    /// a caller whose data lives in a borrowed buffer copies it once, here.
-    pub fn buffer(&self, data: &[u8]) -> Vec<u8> {
-        self.inner.pool.copy_of(data)
-    }
-
     /// Gives the buffer of a finished read back to the pool.
     pub fn recycle(&self, buf: Vec<u8>) {
         self.inner.pool.put(buf);
@@ -210,36 +204,51 @@ impl Engine {
         self.begin(Op::Read, 0, offset, len, Vec::new(), Box::new(done));
     }
 
-    /// Starts a write of a buffer from [`Engine::buffer`] without waiting, as
-    /// [`Engine::start_read`].
-    pub fn start_write(
-        &self,
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-        done: impl FnOnce(Result<(), i32>) + Send + 'static,
-    ) {
-        if data.len() > self.inner.info.max_transfer as usize {
-            let engine = self.clone();
-            smol::spawn(async move { done(engine.write_buffer(offset, data, fua).await) }).detach();
-            return;
-        }
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let len = data.len() as u32;
-        let done = Box::new(move |outcome: Outcome| done(outcome.map(drop)));
-        self.begin(Op::Write, flags, offset, len, data, done);
-    }
-
     /// Starts a flush without waiting, as [`Engine::start_read`].
     pub fn start_flush(&self, done: impl FnOnce(Result<(), i32>) + Send + 'static) {
         let done = Box::new(move |outcome: Outcome| done(outcome.map(drop)));
         self.begin(Op::Flush, 0, 0, 0, Vec::new(), done);
     }
 
+    /// Starts a write of the caller's `data` without waiting, as [`Engine::start_read`].
+    /// The engine keeps the data until the ack, for resends: when this thread can send it
+    /// at once (nobody else sending, room in the window), sealed straight from `data` as
+    /// it is sent; otherwise as a plain copy.
+    pub fn start_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        done: impl FnOnce(Result<(), i32>) + Send + 'static,
+    ) {
+        if data.len() > self.inner.info.max_transfer as usize {
+            // Over what the server takes at once: split, from a copy.
+            let (engine, data) = (self.clone(), self.inner.pool.copy_of(data));
+            smol::spawn(async move {
+                let result = engine.write(offset, &data, fua).await;
+                engine.recycle(data);
+                done(result)
+            })
+            .detach();
+            return;
+        }
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let done: Done = Box::new(move |outcome: Outcome| done(outcome.map(drop)));
+        let tx = write_request(flags, offset, data, done);
+        if let Err(mut tx) = smol::block_on(self.inner.send_sealed(tx, data)) {
+            tx.data = Arc::new(Payload::Plain(self.inner.pool.copy_of(data)));
+            self.enter_or_wait(tx);
+        }
+    }
+
     /// Enters a transaction and sends it from this thread if the window has room; else a
     /// task waits for room.
     fn begin(&self, op: Op, flags: u8, offset: u64, length: u32, data: Vec<u8>, done: Done) {
         let tx = core::request(op, flags, offset, length, data, Instant::now(), done);
+        self.enter_or_wait(tx);
+    }
+
+    fn enter_or_wait(&self, tx: Request<Done>) {
         match self.inner.try_enter(tx) {
             // Sent from this thread, which saves waking the writer; a thread already
             // sending sends it too, with what gathered meanwhile, in one batch.
@@ -285,14 +294,27 @@ impl Inner {
         flags: u8,
         offset: u64,
         length: u32,
-        data: Vec<u8>,
     ) -> Result<smol::channel::Receiver<Outcome>, i32> {
-        let (sender, outcome) = smol::channel::bounded(1);
-        let done: Done = Box::new(move |o| {
-            let _ = sender.try_send(o);
-        });
-        let tx = core::request(op, flags, offset, length, data, Instant::now(), done);
+        let (done, outcome) = awaited();
+        let tx = core::request(op, flags, offset, length, Vec::new(), Instant::now(), done);
         self.enter(tx).await.map_err(|(errno, _)| errno)?;
+        Ok(outcome)
+    }
+
+    /// Enters a write of `data`, as [`Engine::start_write`] keeps it; returns where its
+    /// outcome arrives.
+    async fn submit_write(
+        &self,
+        flags: u8,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<smol::channel::Receiver<Outcome>, i32> {
+        let (done, outcome) = awaited();
+        let tx = write_request(flags, offset, data, done);
+        if let Err(mut tx) = self.send_sealed(tx, data).await {
+            tx.data = Arc::new(Payload::Plain(self.pool.copy_of(data)));
+            self.enter(tx).await.map_err(|(errno, _)| errno)?;
+        }
         Ok(outcome)
     }
 
@@ -336,6 +358,63 @@ impl Inner {
         }
     }
 
+    /// Enters a write and sends it from this thread, sealing its payload straight from
+    /// `data` into the buffer the table keeps ([`Payload::Sealed`]). Hands the request back
+    /// when that cannot be done now (another thread sending, no connection, no room in the
+    /// window) or is not worth it (a payload small enough to copy in with its head, as
+    /// [`Outgoing::INLINE`] says), for the caller to copy `data` and enter it as usual.
+    async fn send_sealed(&self, mut tx: Request<Done>, data: &[u8]) -> Result<(), Request<Done>> {
+        if data.len() < Outgoing::INLINE {
+            return Err(tx);
+        }
+        let Some(mut guard) = self.wire.try_lock() else {
+            return Err(tx);
+        };
+        let Some(wire) = guard.as_mut() else {
+            return Err(tx);
+        };
+        // Nobody else sends while this thread holds the wire, so nobody sees the payload
+        // before it is attached.
+        tx.data = Arc::new(Payload::Sealing);
+        let submitted = self.state.lock().unwrap().submit_sent(Instant::now(), tx);
+        let h = match submitted {
+            Ok(h) => h,
+            Err(Blocked::NoRoom(tx)) => return Err(tx),
+            Err(Blocked::Failed(errno, done)) => {
+                done(Err(errno));
+                return Ok(());
+            }
+        };
+        let Wire {
+            sender,
+            stream,
+            out,
+            ..
+        } = wire;
+        out.clear();
+        protocol::encode_request_head(out.staged(), &h, data.len());
+        let buf = self.pool.take(data.len());
+        let (sealed, sent) = sender.send_apart(out.staged(), data, buf).await;
+        // Attached whether or not it went out: a lost connection's transactions are sent
+        // again on the next. A reply may have resolved it already.
+        let attached = self
+            .state
+            .lock()
+            .unwrap()
+            .attach(h.txid, Payload::Sealed(sealed));
+        if let Err(payload) = attached {
+            self.recycle_payload(payload);
+        }
+        if let Err(e) = sent {
+            self.send_failed(stream, e);
+            return Ok(());
+        }
+        // What other threads queued meanwhile.
+        drop(guard);
+        self.send_queued().await;
+        Ok(())
+    }
+
     /// Encrypts and sends one batch of what the core has to send; false once nothing was
     /// left or sending failed (which ends the connection).
     async fn send_batch(&self, wire: &mut Wire) -> bool {
@@ -353,8 +432,25 @@ impl Inner {
         if batch.is_empty() {
             return false;
         }
+        // Payloads first sent sealed (resends) are opened, to be sealed for this connection.
+        let mut opened = Vec::new();
+        for (h, payload) in batch.iter() {
+            if let Payload::Sealed(sealed) = &**payload {
+                let mut plain = self.pool.take(sealed.len());
+                match sealed.open(&mut plain) {
+                    Ok(()) => opened.push((h.txid, plain)),
+                    Err(_) => log::error!("transaction {}: its kept payload does not open", h.txid),
+                }
+            }
+        }
         out.clear();
-        for (i, (h, data)) in batch.iter().enumerate() {
+        for (i, item) in batch.iter().enumerate() {
+            let h = &item.0;
+            // A payload not yet attached or not opened: the transaction is sent again
+            // when its deadline passes.
+            let Some(data) = plaintext(item, &opened) else {
+                continue;
+            };
             if data.len() < Outgoing::INLINE {
                 protocol::encode_request(out.staged(), h, data);
             } else {
@@ -362,18 +458,36 @@ impl Inner {
                 out.payload(i);
             }
         }
-        let parts = out.parts(|i| batch[i].1.as_slice());
+        let parts = out.parts(|i| plaintext(&batch[i], &opened).unwrap_or_default());
         let sent = sender.send_parts(&parts).await;
+        drop(parts);
         batch.clear();
+        for (_, plain) in opened {
+            self.pool.put(plain);
+        }
         match sent {
             Ok(()) => true,
             Err(e) => {
-                // The reader sees the socket shut and ends the connection with this reason;
-                // what was sent on it is sent again on the next one.
-                self.send_error.lock().unwrap().get_or_insert(e.to_string());
-                let _ = stream.shutdown(Shutdown::Both);
+                self.send_failed(stream, e);
                 false
             }
+        }
+    }
+
+    /// Sending on the current connection failed: it ends. The reader sees the socket shut
+    /// and ends the connection with this reason; what was sent on it is sent again on the
+    /// next one.
+    fn send_failed(&self, stream: &Hangup, e: ChannelError) {
+        self.send_error.lock().unwrap().get_or_insert(e.to_string());
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+
+    /// Gives a payload's buffer back to the pool.
+    fn recycle_payload(&self, payload: Payload) {
+        match payload {
+            Payload::Plain(data) => self.pool.put(data),
+            Payload::Sealed(sealed) => self.pool.put(sealed.into_buffer()),
+            Payload::Sealing => {}
         }
     }
 
@@ -409,8 +523,8 @@ impl Inner {
             _ => waiter(outcome),
         }
         // Unless a resend of it is being encrypted right now, the buffer is free again.
-        if let Ok(data) = Arc::try_unwrap(done.data) {
-            self.pool.put(data);
+        if let Ok(payload) = Arc::try_unwrap(done.data) {
+            self.recycle_payload(payload);
         }
     }
 
@@ -433,5 +547,44 @@ impl Inner {
         if let Some(hangup) = self.hangup.lock().unwrap().as_ref() {
             let _ = hangup.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// A completion that hands the outcome to the receiver returned, for awaiting it.
+fn awaited() -> (Done, smol::channel::Receiver<Outcome>) {
+    let (sender, outcome) = smol::channel::bounded(1);
+    let done: Done = Box::new(move |o| {
+        let _ = sender.try_send(o);
+    });
+    (done, outcome)
+}
+
+/// A write of `data`, its payload to be sealed from it or copied.
+fn write_request(flags: u8, offset: u64, data: &[u8], done: Done) -> Request<Done> {
+    let len = data.len() as u32;
+    core::request(
+        Op::Write,
+        flags,
+        offset,
+        len,
+        Vec::new(),
+        Instant::now(),
+        done,
+    )
+}
+
+/// The plaintext to send for a batch item: its own, or what `opened` holds for it; `None`
+/// while it has none to send.
+fn plaintext<'a>(
+    item: &'a (RequestHeader, Arc<Payload>),
+    opened: &'a [(u64, Vec<u8>)],
+) -> Option<&'a [u8]> {
+    match &*item.1 {
+        Payload::Plain(data) => Some(data),
+        Payload::Sealed(_) => opened
+            .iter()
+            .find(|(txid, _)| *txid == item.0.txid)
+            .map(|(_, plain)| plain.as_slice()),
+        Payload::Sealing => None,
     }
 }

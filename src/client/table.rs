@@ -6,7 +6,36 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::channel::Sealed;
 use crate::protocol::{Op, RequestHeader};
+
+/// A transaction's payload as the table keeps it until the ack, for resends.
+#[derive(Debug)]
+pub enum Payload {
+    /// Plaintext in a buffer of the caller's (empty but for writes).
+    Plain(Vec<u8>),
+    /// Sealed for the connection it was first sent on: the submitting thread sealed it
+    /// straight from its caller's buffer, and it is opened only to be sent again.
+    Sealed(Sealed),
+    /// Being sealed by the thread that entered it as sent, which attaches it before it
+    /// lets go of the connection: nobody else can send it meanwhile.
+    Sealing,
+}
+
+impl Payload {
+    /// Bytes of plaintext.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Plain(data) => data.len(),
+            Payload::Sealed(sealed) => sealed.len(),
+            Payload::Sealing => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// One transaction, alive until acked or failed.
 #[derive(Debug)]
@@ -16,7 +45,7 @@ pub struct Tx<W> {
     pub offset: u64,
     pub length: u32,
     /// The payload of a write, kept for resends; shared with the sender while it encrypts.
-    pub data: Arc<Vec<u8>>,
+    pub data: Arc<Payload>,
     pub submitted: Instant,
     /// When it is resent (or failed) if no ack came.
     deadline: Instant,
@@ -41,7 +70,7 @@ impl<W> Tx<W> {
             flags,
             offset,
             length,
-            data: Arc::new(data),
+            data: Arc::new(Payload::Plain(data)),
             submitted: now,
             deadline: now,
             resends: 0,
@@ -105,14 +134,51 @@ impl<W> Table<W> {
 
     /// Adds a transaction and queues it for sending; returns its id. Its first deadline
     /// runs from submission, so it fails in time even if no connection ever takes it.
-    pub fn insert(&mut self, mut tx: Tx<W>, timeout: Duration) -> u64 {
+    pub fn insert(&mut self, tx: Tx<W>, timeout: Duration) -> u64 {
+        let id = self.insert_unqueued(tx, timeout);
+        self.queue.push_back(id);
+        id
+    }
+
+    /// Adds a transaction that its submitter sends at once; returns the header to send
+    /// it with. Its resend deadline runs from submission.
+    pub fn insert_sent(&mut self, tx: Tx<W>, timeout: Duration) -> RequestHeader {
+        let id = self.insert_unqueued(tx, timeout);
+        self.header(id)
+    }
+
+    fn insert_unqueued(&mut self, mut tx: Tx<W>, timeout: Duration) -> u64 {
         tx.deadline = tx.submitted + timeout;
         let id = self.next_id;
         self.next_id += 1;
         self.bytes += tx.cost();
         self.txs.insert(id, tx);
-        self.queue.push_back(id);
         id
+    }
+
+    /// Gives transaction `id` its payload; hands it back if `id` was acked or failed
+    /// meanwhile.
+    pub fn attach(&mut self, id: u64, payload: Payload) -> Result<(), Payload> {
+        match self.txs.get_mut(&id) {
+            Some(tx) => {
+                tx.data = Arc::new(payload);
+                Ok(())
+            }
+            None => Err(payload),
+        }
+    }
+
+    /// The header of transaction `id`, which is in the table.
+    fn header(&self, id: u64) -> RequestHeader {
+        let tx = &self.txs[&id];
+        RequestHeader {
+            op: tx.op,
+            flags: tx.flags,
+            txid: id,
+            floor: self.floor(),
+            offset: tx.offset,
+            length: tx.length,
+        }
     }
 
     /// The lowest id still waiting for an ack: the server may forget replies below it.
@@ -126,8 +192,7 @@ impl<W> Table<W> {
         &mut self,
         now: Instant,
         timeout: Duration,
-    ) -> Option<(RequestHeader, Arc<Vec<u8>>)> {
-        let floor = self.floor();
+    ) -> Option<(RequestHeader, Arc<Payload>)> {
         // Skip what was acked or failed since it was queued.
         let id = loop {
             let id = self.queue.pop_front()?;
@@ -135,16 +200,9 @@ impl<W> Table<W> {
                 break id;
             }
         };
+        let h = self.header(id);
         let tx = self.txs.get_mut(&id).expect("checked above");
         tx.deadline = now + timeout;
-        let h = RequestHeader {
-            op: tx.op,
-            flags: tx.flags,
-            txid: id,
-            floor,
-            offset: tx.offset,
-            length: tx.length,
-        };
         Some((h, tx.data.clone()))
     }
 

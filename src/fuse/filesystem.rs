@@ -241,10 +241,10 @@ impl Filesystem for DstFs {
         let Some((engine, guard)) = self.task() else {
             return reply.error(Errno::EIO);
         };
-        // The kernel's buffer is reused for the next request once we return: the one copy
-        // of the data, into a buffer the engine keeps until the write is acked.
-        let data = engine.buffer(&data[..len]);
-        engine.start_write(offset, data, fua, move |result| {
+        // The kernel's buffer is reused for the next request once we return, so the engine
+        // keeps the data until the ack: sealed straight from this buffer as it is sent, or
+        // copied when it cannot be sent at once.
+        engine.start_write(offset, &data[..len], fua, move |result| {
             match result {
                 Ok(()) => reply.written(len as u32),
                 Err(errno) => reply.error(Errno::from_i32(errno)),

@@ -320,6 +320,54 @@ fn a_refusing_verdict_is_the_first_receive_s_error() {
     }
 }
 
+#[test]
+fn a_payload_sealed_apart_is_the_stream_it_would_have_been_and_opens_again() {
+    for cipher in Cipher::ALL {
+        let frame = owned(2, 150_000);
+        let mut head = Vec::new();
+        let Head::Request(h) = &frame.head else {
+            unreachable!()
+        };
+        protocol::encode_request_head(&mut head, h, frame.payload.len());
+        let (mut together, _) = codecs(cipher);
+        together.seal_parts(&[&head, &frame.payload]);
+        let (mut apart, _) = codecs(cipher);
+        apart.seal_parts(&[&head]);
+        let sealed = apart.seal_apart(&frame.payload, vec![0xAA; 7]);
+        let mut wire = take(&mut apart);
+        wire.extend_from_slice(sealed.records());
+        assert_eq!(wire, take(&mut together), "{cipher}");
+        // What follows continues the stream's nonces.
+        apart.seal_parts(&[&head]);
+        together.seal_parts(&[&head]);
+        assert_eq!(take(&mut apart), take(&mut together), "{cipher}");
+
+        let (got, end) = receive(&wire, || 40_000, true, cipher);
+        assert!(end.is_ok(), "{cipher}: {end:?}");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].head, frame.head);
+        assert!(
+            got[0].payload == frame.payload,
+            "{cipher}: the payload arrives"
+        );
+
+        let mut plain = vec![1; 3];
+        sealed.open(&mut plain).unwrap();
+        assert!(plain == frame.payload, "{cipher}: opens to the payload");
+        assert_eq!(sealed.len(), frame.payload.len());
+        let mut records = sealed.into_buffer();
+        records[70_000] ^= 1;
+        let key = Arc::new(RecordKey::new(cipher, &[7u8; 32]));
+        let tampered = Sealed {
+            records,
+            key,
+            nonce: 2,
+            len: frame.payload.len(),
+        };
+        assert_eq!(tampered.open(&mut plain), Err(Unauthentic), "{cipher}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 

@@ -387,3 +387,41 @@ fn closing_waits_for_what_is_in_flight_then_refuses() {
         Err(Blocked::Failed(libc::ESHUTDOWN, "late"))
     ));
 }
+
+#[test]
+fn a_request_entered_as_sent_counts_in_the_window_and_is_resent_with_what_was_attached() {
+    let t0 = Instant::now();
+    let mut c = core(t0);
+    let sealing = |label| {
+        let mut tx = req(Op::Write, 100, t0, label);
+        tx.data = Arc::new(Payload::Sealing);
+        tx
+    };
+    let h = c.submit_sent(t0, sealing("w")).unwrap();
+    assert_eq!((h.op, h.length, h.floor), (Op::Write, 100, h.txid));
+    assert!(sent(&mut c, t0).is_empty(), "its submitter sends it");
+    c.attach(h.txid, Payload::Plain(vec![3; 100])).unwrap();
+    for label in ["b", "c", "d"] {
+        c.submit_sent(t0, sealing(label)).unwrap();
+    }
+    assert!(matches!(
+        c.submit_sent(t0, sealing("e")),
+        Err(Blocked::NoRoom(_))
+    ));
+
+    // Unacked past its deadline: resent, with the payload attached.
+    let t1 = t0 + TIMEOUT + MS;
+    assert!(c.on_tick(t1).send);
+    let mut batch = Vec::new();
+    c.poll_transmit(t1, &mut batch, usize::MAX);
+    assert_eq!(batch.len(), 4);
+    assert_eq!(batch[0].0.txid, h.txid);
+    assert!(matches!(&*batch[0].1, Payload::Plain(d) if d[..] == [3; 100]));
+
+    // Resolved, it takes no payload attached late: that comes back to be recycled.
+    assert_eq!(ack(&mut c, t1, h.txid), Ok(()));
+    assert!(matches!(
+        c.attach(h.txid, Payload::Plain(vec![1])),
+        Err(Payload::Plain(d)) if d == [1]
+    ));
+}

@@ -13,11 +13,7 @@ impl Engine {
         let max = self.inner.info.max_transfer;
         let mut pending = Vec::new();
         for (off, n) in chunks(offset, len as u64, max as u64) {
-            pending.push(
-                self.inner
-                    .submit(Op::Read, 0, off, n as u32, Vec::new())
-                    .await?,
-            );
+            pending.push(self.inner.submit(Op::Read, 0, off, n as u32).await?);
         }
         let mut out = Vec::with_capacity(len as usize);
         for rx in pending {
@@ -36,38 +32,15 @@ impl Engine {
         let flags = if fua { FLAG_FUA } else { 0 };
         let mut pending = Vec::new();
         for (i, part) in data.chunks(max).enumerate() {
-            let buf = self.inner.pool.copy_of(part);
             let off = offset + (i * max) as u64;
-            pending.push(
-                self.inner
-                    .submit(Op::Write, flags, off, part.len() as u32, buf)
-                    .await?,
-            );
+            pending.push(self.inner.submit_write(flags, off, part).await?);
         }
         wait_all(pending).await
     }
 
-    /// Writes a buffer the engine keeps until the write is acked (for resends), then
-    /// returns to its pool; no further copy unless it is over the maximum transfer.
-    pub async fn write_buffer(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), i32> {
-        if data.len() > self.inner.info.max_transfer as usize {
-            // The server granted less than the caller's writes: split, copying the parts.
-            let result = self.write(offset, &data, fua).await;
-            self.recycle(data);
-            return result;
-        }
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let len = data.len() as u32;
-        let rx = self
-            .inner
-            .submit(Op::Write, flags, offset, len, data)
-            .await?;
-        wait(rx).await.map(drop)
-    }
-
     /// Returns once every write acked before it is on stable storage on the export node.
     pub async fn flush(&self) -> Result<(), i32> {
-        let rx = self.inner.submit(Op::Flush, 0, 0, 0, Vec::new()).await?;
+        let rx = self.inner.submit(Op::Flush, 0, 0, 0).await?;
         wait(rx).await.map(drop)
     }
 
@@ -83,11 +56,7 @@ impl Engine {
     async fn range_op(&self, op: Op, flags: u8, offset: u64, len: u64) -> Result<(), i32> {
         let mut pending = Vec::new();
         for (off, n) in chunks(offset, len, RANGE_CHUNK) {
-            pending.push(
-                self.inner
-                    .submit(op, flags, off, n as u32, Vec::new())
-                    .await?,
-            );
+            pending.push(self.inner.submit(op, flags, off, n as u32).await?);
         }
         wait_all(pending).await
     }
