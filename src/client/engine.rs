@@ -5,8 +5,10 @@
 //!
 //! Callers submit concurrently and wait for room in the window rather than grow memory.
 //! A request is encrypted and sent by the thread that submits it, so it reaches the
-//! socket without waking another thread; a thread that finds another sending leaves its
-//! request to that one, which sends everything queued in one batch. A writer task sends
+//! socket without waking another thread, and a large write is sealed straight from the
+//! caller's buffer into the one kept for resends; a thread that finds another sending
+//! copies its request and leaves it to that one, which sends everything queued in one
+//! batch. A writer task sends
 //! what no submitter does: resends, pings, what waited for a connection. One driver task
 //! keeps a connection: a reader thread resolves transactions from replies and calls their
 //! completions right there. A timer task wakes when the core says and lets it resend,
