@@ -130,12 +130,8 @@ impl Sealed {
     }
 
     /// Bytes of plaintext.
-    pub fn len(&self) -> usize {
+    pub fn plain_len(&self) -> usize {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The plaintext again, into `out` (resized to it).

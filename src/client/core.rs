@@ -232,7 +232,7 @@ impl<W> Core<W> {
             let Some((h, data)) = self.table.next_to_send(now, self.cfg.resend_timeout) else {
                 break;
             };
-            bytes += data.len() + protocol::REQUEST_HEADER;
+            bytes += data.plain_len() + protocol::REQUEST_HEADER;
             batch.push((h, data));
         }
     }

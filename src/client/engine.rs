@@ -438,7 +438,7 @@ impl Inner {
         let mut opened = Vec::new();
         for (h, payload) in batch.iter() {
             if let Payload::Sealed(sealed) = &**payload {
-                let mut plain = self.pool.take(sealed.len());
+                let mut plain = self.pool.take(sealed.plain_len());
                 match sealed.open(&mut plain) {
                     Ok(()) => opened.push((h.txid, plain)),
                     Err(_) => log::error!("transaction {}: its kept payload does not open", h.txid),

@@ -24,16 +24,12 @@ pub enum Payload {
 
 impl Payload {
     /// Bytes of plaintext.
-    pub fn len(&self) -> usize {
+    pub fn plain_len(&self) -> usize {
         match self {
             Payload::Plain(data) => data.len(),
-            Payload::Sealed(sealed) => sealed.len(),
+            Payload::Sealed(sealed) => sealed.plain_len(),
             Payload::Sealing => 0,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -325,7 +321,7 @@ mod tests {
         let a = t.insert(write(10, now), T);
         let b = t.insert(write(20, now), T);
         let (h, data) = t.next_to_send(now, T).unwrap();
-        assert_eq!((h.txid, h.floor, data.len()), (a, a, 10));
+        assert_eq!((h.txid, h.floor, data.plain_len()), (a, a, 10));
         t.complete(a);
         let (h, _) = t.next_to_send(now, T).unwrap();
         assert_eq!((h.txid, h.floor), (b, b));

@@ -354,7 +354,7 @@ fn a_payload_sealed_apart_is_the_stream_it_would_have_been_and_opens_again() {
         let mut plain = vec![1; 3];
         sealed.open(&mut plain).unwrap();
         assert!(plain == frame.payload, "{cipher}: opens to the payload");
-        assert_eq!(sealed.len(), frame.payload.len());
+        assert_eq!(sealed.plain_len(), frame.payload.len());
         let mut records = sealed.into_buffer();
         records[70_000] ^= 1;
         let key = Arc::new(RecordKey::new(cipher, &[7u8; 32]));

@@ -199,7 +199,7 @@ fn an_idle_connection_is_pinged_and_dies_when_the_ping_goes_unanswered() {
     let mut batch = Vec::new();
     c.poll_transmit(t0 + PING, &mut batch, usize::MAX);
     let (h, data) = &batch[0];
-    assert_eq!((h.op, h.txid, data.len()), (Op::Ping, PING_TXID, 0));
+    assert_eq!((h.op, h.txid, data.plain_len()), (Op::Ping, PING_TXID, 0));
     assert!(!c.wants_send());
     assert!(c.on_reply(t0 + PING + MS, PING_TXID, 0, 0).is_none());
     assert!(c.on_tick(t0 + 2 * PING).dead.is_none(), "answered");
@@ -310,7 +310,10 @@ fn a_fresh_session_gets_every_unacked_transaction_again_in_order() {
     let txids: Vec<_> = batch.iter().map(|(h, _)| h.txid).collect();
     assert_eq!(txids, vec![ids[0], ids[2], ids[3]]);
     assert!(batch.iter().all(|(h, _)| h.floor == ids[0]));
-    assert!(batch.iter().all(|(_, d)| d.len() == 100), "with their data");
+    assert!(
+        batch.iter().all(|(_, d)| d.plain_len() == 100),
+        "with their data"
+    );
 }
 
 #[test]
