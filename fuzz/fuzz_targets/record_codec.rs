@@ -88,6 +88,7 @@ fn reference(plain: &[u8], limits: &Limits, owned: bool) -> (Vec<Got>, bool) {
             _ if !owned => Got::Frame(format!("{frame:?}")),
             Frame::Request(h, d) => Got::Owned(Head::Request(h), d.to_vec()),
             Frame::Reply(h, d) => Got::Owned(Head::Reply(h), d.to_vec()),
+            Frame::Resize(size) => Got::Owned(Head::Resize(size), Vec::new()),
             _ => return (out, false),
         });
         pos += used;
