@@ -96,14 +96,7 @@ impl<W: AsyncWrite + Unpin> Sender<W> {
 
     /// Writes everything sealed, waiting for the stream to take it.
     pub async fn flush(&mut self) -> Result<(), ChannelError> {
-        while !self.codec.pending().is_empty() {
-            match self.writer.write(self.codec.pending()).await? {
-                0 => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                n => self.codec.consume(n),
-            }
-        }
-        self.writer.flush().await?;
-        Ok(())
+        self.flush_then(&[]).await
     }
 
     /// Writes as much of what was sealed as the stream takes without waiting; true when

@@ -8,8 +8,8 @@
 //! socket without waking another thread, and a large write is sealed straight from the
 //! caller's buffer into the one kept for resends; a thread that finds another sending
 //! copies its request and leaves it to that one, which sends everything queued in one
-//! batch. A writer task sends
-//! what no submitter does: resends, pings, what waited for a connection. One driver task
+//! batch. A writer task sends what no submitter does: resends, pings, what waited for a
+//! connection. One driver task
 //! keeps a connection: a reader thread resolves transactions from replies and calls their
 //! completions right there. A timer task wakes when the core says and lets it resend,
 //! fail, ping or declare the connection dead. A lost connection is re-established when
@@ -237,8 +237,7 @@ impl Engine {
         let flags = if fua { FLAG_FUA } else { 0 };
         let done: Done = Box::new(move |outcome: Outcome| done(outcome.map(drop)));
         let tx = write_request(flags, offset, data, done);
-        if let Err(mut tx) = smol::block_on(self.inner.send_sealed(tx, data)) {
-            tx.data = Arc::new(Payload::Plain(self.inner.pool.copy_of(data)));
+        if let Err(tx) = smol::block_on(self.inner.send_sealed(tx, data)) {
             self.enter_or_wait(tx);
         }
     }
@@ -313,8 +312,7 @@ impl Inner {
     ) -> Result<smol::channel::Receiver<Outcome>, i32> {
         let (done, outcome) = awaited();
         let tx = write_request(flags, offset, data, done);
-        if let Err(mut tx) = self.send_sealed(tx, data).await {
-            tx.data = Arc::new(Payload::Plain(self.pool.copy_of(data)));
+        if let Err(tx) = self.send_sealed(tx, data).await {
             self.enter(tx).await.map_err(|(errno, _)| errno)?;
         }
         Ok(outcome)
@@ -361,19 +359,23 @@ impl Inner {
     }
 
     /// Enters a write and sends it from this thread, sealing its payload straight from
-    /// `data` into the buffer the table keeps ([`Payload::Sealed`]). Hands the request back
-    /// when that cannot be done now (another thread sending, no connection, no room in the
-    /// window) or is not worth it (a payload small enough to copy in with its head, as
-    /// [`Outgoing::INLINE`] says), for the caller to copy `data` and enter it as usual.
+    /// `data` into the buffer the table keeps ([`Payload::Sealed`]). When that cannot be
+    /// done now (another thread sending, no connection, no room in the window) or is not
+    /// worth it (a payload small enough to copy in with its head, as [`Outgoing::INLINE`]
+    /// says), hands the request back with a plain copy of `data`, to enter as usual.
     async fn send_sealed(&self, mut tx: Request<Done>, data: &[u8]) -> Result<(), Request<Done>> {
+        let copied = |mut tx: Request<Done>| {
+            tx.data = Arc::new(Payload::Plain(self.pool.copy_of(data)));
+            Err(tx)
+        };
         if data.len() < Outgoing::INLINE {
-            return Err(tx);
+            return copied(tx);
         }
         let Some(mut guard) = self.wire.try_lock() else {
-            return Err(tx);
+            return copied(tx);
         };
         let Some(wire) = guard.as_mut() else {
-            return Err(tx);
+            return copied(tx);
         };
         // Nobody else sends while this thread holds the wire, so nobody sees the payload
         // before it is attached.
@@ -381,7 +383,7 @@ impl Inner {
         let submitted = self.state.lock().unwrap().submit_sent(Instant::now(), tx);
         let h = match submitted {
             Ok(h) => h,
-            Err(Blocked::NoRoom(tx)) => return Err(tx),
+            Err(Blocked::NoRoom(tx)) => return copied(tx),
             Err(Blocked::Failed(errno, done)) => {
                 done(Err(errno));
                 return Ok(());
